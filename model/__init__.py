@@ -1,0 +1,1 @@
+"""Offline side of recstream: data loading, SASRec training, evaluation, export and indexing."""

@@ -1,0 +1,52 @@
+"""Hyper-parameters of training and indexing, as plain pydantic models.
+
+They are nested inside the application settings (``RECSTREAM_TRAIN__*``,
+``RECSTREAM_INDEX__*``) and can also be built directly by tests and scripts.
+"""
+
+from typing import Literal
+
+from pydantic import BaseModel, Field, model_validator
+
+
+class TrainConfig(BaseModel):
+    """SASRec architecture and optimisation settings."""
+
+    max_len: int = Field(200, ge=2, le=4096, description="Longest item sequence the model sees.")
+    dim: int = Field(64, ge=4, le=4096, description="Embedding and hidden size.")
+    blocks: int = Field(2, ge=1, le=24)
+    heads: int = Field(1, ge=1, le=64)
+    dropout: float = Field(0.2, ge=0.0, lt=1.0)
+    loss: Literal["ce", "sampled-ce"] = "ce"
+    negatives: int = Field(
+        256, ge=1, description="Sampled negatives per position when loss is sampled-ce."
+    )
+    epochs: int = Field(200, ge=1)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    patience: int = Field(
+        10, ge=1, description="Epochs without a better validation NDCG@10 before stopping."
+    )
+    eval_every: int = Field(1, ge=1, description="Validate every N epochs.")
+    seed: int = 42
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
+    threads: int = Field(0, ge=0, description="torch intra-op threads; 0 keeps torch's default.")
+
+    @model_validator(mode="after")
+    def _heads_divide_dim(self) -> "TrainConfig":
+        if self.dim % self.heads:
+            raise ValueError(f"dim ({self.dim}) must be a multiple of heads ({self.heads})")
+        return self
+
+
+class IndexConfig(BaseModel):
+    """FAISS index settings; the factory string is kept in the version's manifest."""
+
+    factory: str = Field("Flat", description="FAISS index_factory string, inner-product metric.")
+    nprobe: int = Field(16, ge=1, description="IVF lists searched per query.")
+    ef_search: int = Field(128, ge=1, description="HNSW candidate list size at query time.")
+    device: str = Field("auto", description="auto, cpu or cuda.")
+    recall_queries: int = Field(
+        1000, ge=1, description="Queries used to measure recall@k against exact at build time."
+    )

@@ -1,0 +1,97 @@
+"""The one settings class of recstream.
+
+Built once at the entry point (``Settings()`` reads ``RECSTREAM_*`` variables, nested
+with ``__``) and passed inward. Secrets are ``SecretStr`` so they never reach logs.
+"""
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from model.config import IndexConfig, TrainConfig
+
+
+class KafkaSettings(BaseModel):
+    bootstrap_servers: str = "localhost:9092"
+    client_id: str = "recstream"
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    ssl_cafile: Path | None = None
+    ssl_certfile: Path | None = None
+    ssl_keyfile: Path | None = None
+    ssl_password: SecretStr | None = None
+
+    @model_validator(mode="after")
+    def _sasl_complete(self) -> "KafkaSettings":
+        if self.security_protocol.startswith("SASL") and not (
+            self.sasl_mechanism and self.sasl_username and self.sasl_password
+        ):
+            raise ValueError(
+                "SASL needs kafka.sasl_mechanism, kafka.sasl_username and kafka.sasl_password"
+            )
+        return self
+
+
+class DatabaseSettings(BaseModel):
+    # SecretStr: a PostgreSQL URL usually carries a password.
+    url: SecretStr = SecretStr("sqlite:///var/recstream.db")
+    pool_size: int = Field(5, ge=1)
+    echo: bool = False
+
+
+class TopicSettings(BaseModel):
+    events: str = "clickstream"
+    recommendations: str = "recommendations"
+    dead_letter: str = "clickstream.dlq"
+    partitions: int = Field(4, ge=1, description="Partitions when recstream creates a topic.")
+    replication_factor: int = Field(1, ge=1)
+
+
+class ArtifactSettings(BaseModel):
+    root: Path = Path("artifacts")
+    poll_interval_s: float = Field(5.0, gt=0, description="How often workers check CURRENT.")
+
+
+class WorkerSettings(BaseModel):
+    group_id: str = "recstream"
+    batch_size: int = Field(256, ge=1, description="Most events in one micro-batch.")
+    batch_max_wait_ms: int = Field(20, ge=0, description="Longest wait to fill a micro-batch.")
+    top_k: int = Field(10, ge=1, le=1000)
+    emit_per_event: bool = Field(
+        False, description="One recommendation per event instead of one per user and batch."
+    )
+    max_id_length: int = Field(128, ge=1)
+    ts_past_window_s: int = Field(
+        365 * 24 * 3600, ge=0, description="Oldest accepted event age, seconds."
+    )
+    ts_future_window_s: int = Field(300, ge=0, description="Furthest accepted clock skew.")
+    device: str = Field("auto", description="auto, cpu or cuda for the encoder and index.")
+    web_port: int = Field(6066, ge=0, le=65535, description="Health and metrics HTTP port.")
+    data_dir: Path = Path("var/worker")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="RECSTREAM_",
+        env_nested_delimiter="__",
+        env_file=None,
+        extra="ignore",
+    )
+
+    kafka: KafkaSettings = KafkaSettings()
+    database: DatabaseSettings = DatabaseSettings()
+    topics: TopicSettings = TopicSettings()
+    artifacts: ArtifactSettings = ArtifactSettings()
+    worker: WorkerSettings = WorkerSettings()
+    train: TrainConfig = TrainConfig()
+    index: IndexConfig = IndexConfig()
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value

@@ -1,0 +1,106 @@
+"""SASRec, padding, metrics and TorchScript export, on tiny random models."""
+
+import numpy as np
+import pytest
+import torch
+
+from model.evaluate import (
+    evaluate_popularity,
+    metrics_from_ranks,
+    popularity_order,
+    ranks_from_scores,
+)
+from model.sasrec import SASRec, load_encoder, script_encoder
+from model.sequences import append_capped, pad_left
+
+
+def tiny_model(seed: int = 0, num_items: int = 50, max_len: int = 12) -> SASRec:
+    torch.manual_seed(seed)
+    return SASRec(num_items, max_len, dim=16, blocks=2, heads=2, dropout=0.1).eval()
+
+
+def random_sequences(n: int, num_items: int, max_len: int, seed: int = 1) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [
+        rng.integers(1, num_items + 1, size=rng.integers(1, max_len + 5)).astype(np.int64)
+        for _ in range(n)
+    ]
+
+
+def test_pad_left_keeps_newest_items_right_aligned() -> None:
+    out = pad_left([[1, 2, 3], [4], [5, 6, 7, 8, 9]], max_len=4)
+    assert out.tolist() == [[0, 1, 2, 3], [0, 0, 0, 4], [6, 7, 8, 9]]
+    assert pad_left([[1], [2]], max_len=10).shape == (2, 1)
+    assert pad_left([[]], max_len=3).tolist() == [[0]]
+
+
+def test_append_capped_keeps_newest() -> None:
+    assert append_capped(["a", "b"], ["c", "d"], 3) == ["b", "c", "d"]
+    assert append_capped([], ["a"], 5) == ["a"]
+
+
+def test_padding_does_not_change_the_user_vector() -> None:
+    model = tiny_model()
+    seq = torch.tensor([[3, 7, 9, 11]])
+    padded = torch.tensor([[0, 0, 0, 0, 3, 7, 9, 11]])
+    with torch.no_grad():
+        assert torch.allclose(model.encode(seq), model.encode(padded), atol=1e-5)
+
+
+def test_causal_future_items_do_not_leak_into_earlier_positions() -> None:
+    model = tiny_model()
+    a = torch.tensor([[0, 1, 2, 3, 4]])
+    b = torch.tensor([[0, 1, 2, 3, 9]])
+    with torch.no_grad():
+        ha, hb = model(a), model(b)
+    assert torch.allclose(ha[:, :4], hb[:, :4], atol=1e-6)
+    assert not torch.allclose(ha[:, 4], hb[:, 4])
+
+
+def test_scripted_encoder_matches_eager(tmp_path: pytest.TempPathFactory) -> None:
+    model = tiny_model()
+    scripted = script_encoder(model)
+    path = f"{tmp_path}/encoder.pt"
+    scripted.save(path)
+    loaded = load_encoder(path)
+    seqs = torch.from_numpy(pad_left(random_sequences(32, 50, 12), 12))
+    with torch.no_grad():
+        eager = model.encode(seqs)
+        assert torch.allclose(loaded(seqs), eager, atol=1e-5)
+        # Shorter batches (fewer padding columns) are valid input too.
+        assert torch.allclose(loaded(seqs[:, -3:]), model.encode(seqs[:, -3:]), atol=1e-5)
+
+
+def test_no_nan_for_all_padding_rows() -> None:
+    model = tiny_model()
+    with torch.no_grad():
+        out = model(torch.zeros(2, 6, dtype=torch.long))
+    assert torch.isfinite(out).all()
+
+
+def test_metrics_from_ranks() -> None:
+    metrics = metrics_from_ranks(np.array([0, 1, 9, 10, 50]), ks=(1, 10))
+    assert metrics["hr@1"] == pytest.approx(1 / 5)
+    assert metrics["hr@10"] == pytest.approx(3 / 5)
+    expected = (1 + 1 / np.log2(3) + 1 / np.log2(11)) / 5
+    assert metrics["ndcg@10"] == pytest.approx(expected)
+
+
+def test_ranks_filter_seen_items_and_padding() -> None:
+    scores = torch.tensor([[9.0, 1.0, 5.0, 4.0, 3.0]])  # padding scored highest on purpose
+    # Item 2 (5.0) is seen and removed, so target item 3 (4.0) ranks first.
+    ranks = ranks_from_scores(scores, [np.array([2])], torch.tensor([3]))
+    assert ranks.tolist() == [0]
+    # A target that was itself seen can never be a hit.
+    ranks = ranks_from_scores(scores, [np.array([3])], torch.tensor([3]))
+    assert ranks.tolist() == [5]
+
+
+def test_popularity_order_and_baseline() -> None:
+    seqs = [np.array([1, 2, 2]), np.array([2, 3]), np.array([3, 3, 4])]
+    order = popularity_order(seqs, num_items=5)
+    assert order.tolist()[:4] == [2, 3, 1, 4]  # ties broken by lower index
+    assert order[-1] == 0  # padding last
+    # User 0 has seen 1 and 2, so the most popular unseen item is 3.
+    metrics = evaluate_popularity(order, [np.array([1, 2])], np.array([3]))
+    assert metrics["hr@1"] == 1.0
