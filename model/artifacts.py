@@ -264,7 +264,9 @@ def load_version(
     if load_index_file:
         idx = manifest["index"]
         cfg = IndexConfig(
-            factory=idx["factory"], nprobe=idx.get("nprobe", 16), ef_search=idx.get("ef_search", 128)
+            factory=idx["factory"],
+            nprobe=idx.get("nprobe", 16),
+            ef_search=idx.get("ef_search", 128),
         )
         index = load_index(version_dir / INDEX, cfg)
         if index.ntotal != len(item_ids) - 1:

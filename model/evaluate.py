@@ -86,7 +86,12 @@ def evaluate_model(
     try:
         device = model.item_emb.weight.device
         return evaluate_scores(
-            model.score_all, model.max_len, inputs, targets, device=device, progress=progress,
+            model.score_all,
+            model.max_len,
+            inputs,
+            targets,
+            device=device,
+            progress=progress,
             desc=desc,
         )
     finally:

@@ -4,6 +4,7 @@ Vectors are the item rows 1..N of the embedding table (padding excluded); FAISS 
 is item index ``i + 1``. The metric is always inner product, matching the model's scores.
 """
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -80,10 +81,8 @@ def configure_search(index: Any, cfg: IndexConfig) -> None:
     """Apply query-time parameters (nprobe, efSearch) where the index has them."""
     params = faiss.ParameterSpace()
     for name, value in (("nprobe", cfg.nprobe), ("efSearch", cfg.ef_search)):
-        try:
+        with contextlib.suppress(RuntimeError):  # this index type has no such parameter
             params.set_index_parameter(index, name, value)
-        except RuntimeError:
-            pass  # this index type has no such parameter
 
 
 def recall_against_exact(index: Any, vectors: FloatArray, cfg: IndexConfig, k: int) -> float:
@@ -96,8 +95,8 @@ def recall_against_exact(index: Any, vectors: FloatArray, cfg: IndexConfig, k: i
     count = len(vectors)
     picks = rng.choice(count, size=min(cfg.recall_queries, count), replace=False)
     scale = float(np.std(vectors)) or 1.0
-    queries = vectors[picks] + rng.normal(0, scale, size=(len(picks), vectors.shape[1]))
-    queries = queries.astype(np.float32)
+    noise = rng.normal(0, scale, size=(len(picks), vectors.shape[1]))
+    queries = (vectors[picks] + noise).astype(np.float32)
     exact = faiss.IndexFlatIP(vectors.shape[1])
     exact.add(vectors)
     _, truth = exact.search(queries, k)
@@ -114,7 +113,8 @@ def to_device(index: Any, device: str) -> tuple[Any, str]:
         raise IndexBuildError("index device 'cuda' requested but this FAISS build has no GPU")
     resources = faiss.StandardGpuResources()
     gpu_index = faiss.index_cpu_to_gpu(resources, 0, index)
-    gpu_index.referenced_resources = resources  # keep the resources alive with the index
+    # Keep the resources alive as long as the index.
+    setattr(gpu_index, "referenced_resources", resources)  # noqa: B010
     return gpu_index, "cuda"
 
 

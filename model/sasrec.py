@@ -34,7 +34,8 @@ class CausalSelfAttention(nn.Module):
         v = v.reshape(shape).transpose(1, 2)
         # No dropout on attention weights: on CPU it costs ~15% of a step for no gain here.
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-        return self.out(y.transpose(1, 2).reshape(batch, length, dim))
+        out: Tensor = self.out(y.transpose(1, 2).reshape(batch, length, dim))
+        return out
 
 
 class Block(nn.Module):
@@ -105,7 +106,8 @@ class SASRec(nn.Module):
         attn_mask = attn_mask.unsqueeze(1)
         for block in self.blocks:
             x = block(x, attn_mask, keep)
-        return self.final_norm(x)
+        hidden: Tensor = self.final_norm(x)
+        return hidden
 
     def encode(self, seqs: Tensor) -> Tensor:
         """The user representation: hidden state at the newest position, [B, dim]."""
@@ -143,7 +145,7 @@ def _quiet_jit() -> Iterator[None]:
 
 def load_encoder(path: str, map_location: str = "cpu") -> torch.jit.ScriptModule:
     with _quiet_jit():
-        encoder: torch.jit.ScriptModule = torch.jit.load(path, map_location=map_location)
+        encoder: torch.jit.ScriptModule = torch.jit.load(path, map_location=map_location)  # type: ignore[no-untyped-call]
     return encoder.eval()
 
 

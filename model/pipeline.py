@@ -1,0 +1,173 @@
+"""The offline jobs as functions: train and publish a version, evaluate a published one.
+
+The CLI and the periodic retrain call these; they take settings objects and paths and
+return plain results, so tests drive them directly.
+"""
+
+import hashlib
+import logging
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from model.artifacts import LoadedVersion, VersionContents, load_version, publish_version
+from model.config import IndexConfig, TrainConfig
+from model.data import (
+    InteractionLog,
+    SequenceData,
+    build_sequence_data,
+    load_interactions,
+)
+from model.evaluate import Metrics, evaluate_popularity, evaluate_scores, popularity_order
+from model.sasrec import script_encoder
+from model.sequences import IntArray
+from model.train import TrainResult, plot_training_curve, train_sasrec
+
+logger = logging.getLogger(__name__)
+
+CURVE = "training_curve.png"
+
+
+@dataclass
+class PublishedModel:
+    version: str
+    result: TrainResult
+
+
+def fingerprint(log: InteractionLog) -> dict[str, Any]:
+    """What the model was trained on, for the manifest."""
+    digest = hashlib.sha256()
+    for it in log.interactions:
+        digest.update(f"{it.user_id}\t{it.item_id}\t{it.ts_ms}\n".encode())
+    return {
+        "source": log.source,
+        "format": log.format,
+        "interactions": len(log.interactions),
+        "skipped_lines": log.skipped,
+        "sha256": digest.hexdigest(),
+    }
+
+
+def train_and_publish(
+    data: SequenceData,
+    data_info: Mapping[str, Any],
+    out: Path,
+    train_cfg: TrainConfig,
+    index_cfg: IndexConfig,
+    *,
+    progress: bool = True,
+    switch: bool = True,
+) -> PublishedModel:
+    """Train SASRec on ``data`` and publish a complete, servable version under ``out``."""
+    result = train_sasrec(data, train_cfg, progress=progress)
+    model = result.model.cpu().eval()
+    popularity = [data.item_ids[i] for i in result.popularity[:1000].tolist() if i]
+    info = {
+        "model": "sasrec",
+        "hyperparameters": train_cfg.model_dump(),
+        "training_data": {
+            **data_info,
+            "users": len(data.users),
+            "items": data.num_items(),
+        },
+        "metrics": {
+            "best_epoch": result.best_epoch,
+            "valid": result.valid,
+            "test": result.test,
+            "popularity_valid": result.popularity_valid,
+            "popularity_test": result.popularity_test,
+        },
+        "training": {
+            "wall_s": round(result.wall_s, 1),
+            "peak_rss_mb": round(result.peak_rss_mb, 1),
+            "epochs_run": len(result.history),
+            "torch": torch.__version__,
+            "history": [asdict(h) for h in result.history],
+        },
+    }
+    contents = VersionContents(
+        encoder=script_encoder(model),
+        item_embeddings=model.item_embeddings().detach().numpy().copy(),
+        item_ids=data.item_ids,
+        max_len=train_cfg.max_len,
+        popularity=popularity,
+        info=info,
+    )
+
+    def write_curve(path: Path) -> None:
+        plot_training_curve(result.history, path)
+
+    version = publish_version(
+        out, contents, index_cfg, switch=switch, extra_files={CURVE: write_curve}
+    )
+    return PublishedModel(version, result)
+
+
+def load_training_data(
+    path: Path, fmt: str | None = None, columns: Mapping[str, str] | None = None
+) -> tuple[SequenceData, dict[str, Any]]:
+    log = load_interactions(path, fmt, columns)
+    return build_sequence_data(log.sequences()), fingerprint(log)
+
+
+@dataclass
+class Evaluation:
+    version: str
+    users: int
+    model: Metrics
+    popularity: Metrics
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "users": self.users,
+            **self.model,
+            "popularity": self.popularity,
+        }
+
+
+def evaluate_version(
+    sequences: Mapping[str, list[str]], loaded: LoadedVersion, *, progress: bool = False
+) -> Evaluation:
+    """Leave-one-out test metrics of a published version on ``sequences``.
+
+    Items the version does not know are dropped from histories; a user whose test
+    target is unknown still counts (as a miss), so the figure is not flattered.
+    """
+    index = loaded.item_index()
+    unknown = len(loaded.item_ids)  # an index no score row has: never ranked
+    inputs: list[IntArray] = []
+    targets: list[int] = []
+    for items in sequences.values():
+        if len(items) < 2:
+            continue
+        known = np.array([index[i] for i in items[:-1] if i in index], dtype=np.int64)
+        inputs.append(known)
+        targets.append(index.get(items[-1], unknown))
+    emb = torch.from_numpy(loaded.item_embeddings)
+    # A zero column for unknown targets; its score is set to -inf so it is never a hit.
+    emb = torch.cat([emb, torch.zeros(1, emb.size(1))])
+
+    def score(seqs: torch.Tensor) -> torch.Tensor:
+        scores: torch.Tensor = loaded.encoder(seqs) @ emb.T
+        scores[:, unknown] = -torch.inf
+        return scores
+
+    target_arr = np.array(targets, dtype=np.int64)
+    model_metrics = evaluate_scores(
+        score, loaded.max_len, inputs, target_arr, progress=progress, desc="evaluate"
+    )
+    order = popularity_order(inputs, len(loaded.item_ids))
+    pop_scores = evaluate_popularity(order, inputs, target_arr)
+    return Evaluation(loaded.version, len(inputs), model_metrics, pop_scores)
+
+
+def evaluate_published(
+    data_path: Path, root: Path, fmt: str | None = None, *, progress: bool = False
+) -> Evaluation:
+    log = load_interactions(data_path, fmt)
+    return evaluate_version(log.sequences(), load_version(root), progress=progress)

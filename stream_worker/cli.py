@@ -1,0 +1,162 @@
+"""The ``recstream`` command line.
+
+Settings are built once here and passed inward. Every operator-facing failure
+(:class:`RecstreamError`, invalid settings) is printed as one ``error:`` line with exit
+status 2; tracebacks are reserved for bugs.
+"""
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from pydantic import ValidationError
+
+from model.config import IndexConfig
+from model.errors import ConfigError, RecstreamError
+from stream_worker.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+app = typer.Typer(
+    name="recstream",
+    help="Streaming, real-time sequential recommendations (SASRec + FAISS over Kafka).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def load_settings() -> Settings:
+    """Build the settings once per command and configure logging from them."""
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = "__".join(str(p) for p in first["loc"]).upper()
+        raise ConfigError(f"invalid setting RECSTREAM_{where}: {first['msg']}") from None
+    configure_logging(settings.log_level)
+    return settings
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # CPU-feature probing noise
+
+
+def _columns(spec: str | None) -> dict[str, str] | None:
+    if not spec:
+        return None
+    pairs = [part.split("=", 1) for part in spec.split(",") if part]
+    if any(len(p) != 2 or not p[0] or not p[1] for p in pairs):
+        raise ConfigError(f"--columns must look like user=COL,item=COL[,ts=COL,type=COL]: {spec!r}")
+    return {k.strip(): v.strip() for k, v in pairs}
+
+
+DataOpt = Annotated[
+    Path,
+    typer.Option("--data", help="Interaction log file.", exists=True, dir_okay=False),
+]
+FormatOpt = Annotated[
+    str | None, typer.Option("--format", help="Data format; detected from the file when omitted.")
+]
+
+
+@app.command()
+def train(
+    data: DataOpt,
+    out: Annotated[Path, typer.Option("--out", help="Artifact root to publish into.")],
+    fmt: FormatOpt = None,
+    epochs: Annotated[int | None, typer.Option(min=1, help="Most epochs to train.")] = None,
+    columns: Annotated[
+        str | None, typer.Option(help="Column mapping for csv/parquet: user=COL,item=COL,...")
+    ] = None,
+    factory: Annotated[
+        str | None, typer.Option(help="FAISS factory string (default: exact 'Flat').")
+    ] = None,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """Train SASRec on a log file and publish a servable version (switches CURRENT)."""
+    from model.evaluate import format_table
+    from model.pipeline import load_training_data, train_and_publish
+
+    settings = load_settings()
+    cfg = settings.train.model_copy(update={"epochs": epochs} if epochs else {})
+    index_cfg = settings.index.model_copy(update={"factory": factory} if factory else {})
+    sequences, info = load_training_data(data, fmt, _columns(columns))
+    published = train_and_publish(sequences, info, out, cfg, index_cfg, progress=progress)
+    r = published.result
+    typer.echo(
+        format_table({"sasrec (test)": r.test, "popularity (test)": r.popularity_test}), err=True
+    )
+    typer.echo(
+        f"published {published.version} under {out} (best epoch {r.best_epoch}, "
+        f"{r.wall_s:.0f}s, peak RSS {r.peak_rss_mb:.0f} MiB)",
+        err=True,
+    )
+    typer.echo(json.dumps({"version": published.version, **r.test}))
+
+
+@app.command()
+def evaluate(
+    data: DataOpt,
+    artifacts: Annotated[Path, typer.Option("--artifacts", help="Artifact root (uses CURRENT).")],
+    fmt: FormatOpt = None,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """Leave-one-out, full-ranking HR@K/NDCG@K of the live version and of popularity."""
+    from model.evaluate import format_table
+    from model.pipeline import evaluate_published
+
+    load_settings()
+    result = evaluate_published(data, artifacts, fmt, progress=progress)
+    typer.echo(format_table({"sasrec": result.model, "popularity": result.popularity}), err=True)
+    typer.echo(json.dumps(result.as_json()))
+
+
+@app.command("build-index")
+def build_index(
+    artifacts: Annotated[Path, typer.Option("--artifacts", help="Artifact root.")],
+    factory: Annotated[str, typer.Option(help="FAISS factory string, e.g. Flat, IVF256,Flat.")],
+    version: Annotated[
+        str | None, typer.Option(help="Source version (default: the one CURRENT names).")
+    ] = None,
+    nprobe: Annotated[int | None, typer.Option(min=1, help="IVF lists probed per query.")] = None,
+    ef_search: Annotated[int | None, typer.Option(min=1, help="HNSW efSearch.")] = None,
+    switch: Annotated[bool, typer.Option(help="Point CURRENT at the new version.")] = True,
+) -> None:
+    """Rebuild the FAISS index of a version as a new version (model unchanged)."""
+    from model.artifacts import read_current, read_manifest, rebuild_index
+
+    settings = load_settings()
+    updates: dict[str, Any] = {"factory": factory}
+    if nprobe:
+        updates["nprobe"] = nprobe
+    if ef_search:
+        updates["ef_search"] = ef_search
+    cfg: IndexConfig = settings.index.model_copy(update=updates)
+    source = version or read_current(artifacts)
+    new = rebuild_index(artifacts, source, cfg, switch=switch)
+    manifest = read_manifest(artifacts / new)
+    typer.echo(json.dumps({"version": new, "source": source, "index": manifest["index"]}))
+
+
+def main() -> None:
+    try:
+        app()
+    except RecstreamError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        raise SystemExit(130) from None
+
+
+if __name__ == "__main__":
+    main()

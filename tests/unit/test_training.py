@@ -1,0 +1,84 @@
+"""Training and the offline pipeline on small generated data (no I/O beyond tmp files)."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from model.artifacts import load_version, read_current
+from model.config import IndexConfig, TrainConfig
+from model.data import build_sequence_data
+from model.pipeline import evaluate_version, train_and_publish
+from model.train import train_sasrec
+
+TINY = TrainConfig(
+    max_len=8, dim=16, blocks=1, heads=1, dropout=0.0, epochs=12, batch_size=32, lr=5e-3,
+    patience=12, device="cpu",
+)  # fmt: skip
+
+
+def cyclic_sequences(users: int = 120, items: int = 30, length: int = 10, seed: int = 0) -> dict:
+    """Each user walks the catalogue in order from a random start: the next item is
+    fully predictable from the last one, while popularity is flat."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for u in range(users):
+        start = int(rng.integers(items))
+        out[f"u{u}"] = [f"i{(start + t) % items}" for t in range(length)]
+    return out
+
+
+def test_training_learns_a_sequential_pattern_popularity_cannot() -> None:
+    data = build_sequence_data(cyclic_sequences())
+    result = train_sasrec(data, TINY, progress=False)
+    assert result.test["hr@10"] > 0.9
+    assert result.test["hr@10"] > result.popularity_test["hr@10"] + 0.4
+    assert result.valid["ndcg@10"] == max(h.valid_ndcg10 or 0.0 for h in result.history)
+    assert 1 <= result.best_epoch <= TINY.epochs
+
+
+def test_training_is_reproducible_with_a_seed() -> None:
+    data = build_sequence_data(cyclic_sequences(users=40))
+    cfg = TINY.model_copy(update={"epochs": 2, "dropout": 0.2})
+    first = train_sasrec(data, cfg, progress=False)
+    second = train_sasrec(data, cfg, progress=False)
+    assert [h.loss for h in first.history] == [h.loss for h in second.history]
+
+
+def test_sampled_softmax_also_learns() -> None:
+    data = build_sequence_data(cyclic_sequences())
+    cfg = TINY.model_copy(update={"loss": "sampled-ce", "negatives": 8})
+    assert train_sasrec(data, cfg, progress=False).test["hr@10"] > 0.8
+
+
+def test_early_stopping_stops_before_the_epoch_limit() -> None:
+    data = build_sequence_data(cyclic_sequences(users=40))
+    cfg = TINY.model_copy(update={"epochs": 200, "patience": 2, "lr": 5e-2})
+    result = train_sasrec(data, cfg, progress=False)
+    assert len(result.history) < 200
+    assert len(result.history) - result.best_epoch <= 2
+
+
+def test_train_and_publish_then_evaluate_the_published_version(tmp_path: Path) -> None:
+    sequences = cyclic_sequences()
+    data = build_sequence_data(sequences)
+    published = train_and_publish(
+        data, {"source": "generated"}, tmp_path, TINY, IndexConfig(), progress=False
+    )
+    assert read_current(tmp_path) == published.version
+    version_dir = tmp_path / published.version
+    assert (version_dir / "training_curve.png").stat().st_size > 1000
+    loaded = load_version(tmp_path)
+    assert loaded.manifest["metrics"]["test"]["hr@10"] == pytest.approx(
+        published.result.test["hr@10"]
+    )
+    assert loaded.manifest["training_data"]["users"] == 120
+    assert loaded.manifest["hyperparameters"]["dim"] == 16
+    assert len(loaded.manifest["popularity"]) == 30
+    # Evaluating the published artifact (TorchScript) agrees with training's own test.
+    evaluation = evaluate_version(sequences, loaded)
+    assert evaluation.model["hr@10"] == pytest.approx(published.result.test["hr@10"])
+    assert evaluation.model["ndcg@10"] == pytest.approx(published.result.test["ndcg@10"], abs=1e-6)
+    assert evaluation.popularity["hr@10"] == pytest.approx(
+        published.result.popularity_test["hr@10"]
+    )
