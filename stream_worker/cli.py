@@ -147,6 +147,99 @@ def build_index(
     typer.echo(json.dumps({"version": new, "source": source, "index": manifest["index"]}))
 
 
+@app.command()
+def worker() -> None:
+    """Run the streaming worker until SIGINT/SIGTERM (settings from RECSTREAM_* variables)."""
+    from stream_worker.service import run_worker
+
+    run_worker(load_settings())
+
+
+@app.command()
+def migrate(
+    revision: Annotated[str, typer.Option(help="Target revision.")] = "head",
+) -> None:
+    """Apply the database migrations (RECSTREAM_DATABASE__URL) up to a revision."""
+    from stream_worker.store import redacted, run_migrations
+
+    settings = load_settings()
+    url = settings.database.url.get_secret_value()
+    before, after = run_migrations(url, revision)
+    typer.echo(f"database {redacted(url)}: {before or 'empty'} -> {after}")
+
+
+@app.command()
+def produce(
+    data: Annotated[
+        Path | None,
+        typer.Option("--data", help="Interaction log to replay.", exists=True, dir_okay=False),
+    ] = None,
+    fmt: FormatOpt = None,
+    generate: Annotated[
+        int, typer.Option(min=0, help="Generate this many synthetic clicks instead.")
+    ] = 0,
+    speed: Annotated[
+        float, typer.Option(min=0, help="Replay N times faster than event time; 0: no pacing.")
+    ] = 0.0,
+    rate: Annotated[float, typer.Option(min=0, help="Most events per second; 0: unlimited.")] = 0,
+    limit: Annotated[int | None, typer.Option(min=1, help="Send at most N events.")] = None,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Publish a dataset file (in event-time order) or generated clicks to the events topic."""
+    from kafka import KafkaProducer
+
+    from model.data import load_interactions
+    from stream_worker.kafka_config import kafka_python_options
+    from stream_worker.produce import generate_clicks, plan_replay, send_events
+
+    settings = load_settings()
+    if (data is None) == (generate == 0):
+        raise ConfigError("give either --data PATH or --generate N")
+    if data is not None:
+        plan = plan_replay(load_interactions(data, fmt), speed=speed, limit=limit)
+    else:
+        plan = generate_clicks(generate if limit is None else min(generate, limit))
+    producer = KafkaProducer(**kafka_python_options(settings.kafka), linger_ms=5, acks="all")
+    try:
+        sent = send_events(producer, settings.topics.events, plan, rate=rate, progress=progress)
+    finally:
+        producer.close()
+    typer.echo(json.dumps({"sent": sent, "topic": settings.topics.events}))
+
+
+@app.command()
+def demo(
+    artifacts: Annotated[
+        Path | None, typer.Option(help="Serve this artifact root instead of training.")
+    ] = None,
+    data: Annotated[
+        Path | None,
+        typer.Option(help="Train on and replay this log instead of generated clicks.", exists=True),
+    ] = None,
+    events: Annotated[int, typer.Option(min=1, help="Clicks to replay.")] = 5000,
+    rate: Annotated[float, typer.Option(min=0, help="Events per second; 0: unlimited.")] = 1000,
+    epochs: Annotated[int, typer.Option(min=1, help="Epochs for the demo model.")] = 15,
+    show: Annotated[int, typer.Option(min=0, help="Recommendations to print in full.")] = 20,
+    workdir: Annotated[Path, typer.Option(help="Scratch directory (recreated).")] = Path(
+        "var/demo"
+    ),
+) -> None:
+    """Local broker + SQLite + a small model + one worker: watch recommendations stream."""
+    from stream_worker.demo import run_demo
+
+    settings = load_settings()
+    run_demo(
+        settings,
+        workdir=workdir,
+        artifacts=artifacts,
+        data=data,
+        events=events,
+        rate=rate,
+        epochs=epochs,
+        show=show,
+    )
+
+
 def main() -> None:
     try:
         app()

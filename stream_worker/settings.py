@@ -70,6 +70,12 @@ class WorkerSettings(BaseModel):
     )
     ts_future_window_s: int = Field(300, ge=0, description="Furthest accepted clock skew.")
     device: str = Field("auto", description="auto, cpu or cuda for the encoder and index.")
+    session_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="Consumer group session timeout; a dead worker's partitions move after it.",
+    )
+    producer_linger_ms: int = Field(5, ge=0, description="Producer batching delay.")
     web_port: int = Field(6066, ge=0, le=65535, description="Health and metrics HTTP port.")
     data_dir: Path = Path("var/worker")
 

@@ -1,0 +1,216 @@
+"""``recstream demo``: the whole loop on one machine, on embedded defaults.
+
+A local Kafka-compatible broker, a fresh SQLite file, a small model (trained here on
+generated sessions unless artifacts are given), one worker process, a producer
+replaying clicks, and a consumer printing recommendations as they stream out.
+"""
+
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from kafka import KafkaConsumer, KafkaProducer
+
+from model.config import IndexConfig, TrainConfig
+from model.data import build_sequence_data, load_interactions
+from model.pipeline import train_and_publish
+from stream_worker.broker import LocalBroker
+from stream_worker.errors import WorkerError
+from stream_worker.produce import (
+    PlannedEvent,
+    generate_clicks,
+    generated_log,
+    plan_replay,
+    send_events,
+)
+from stream_worker.settings import Settings
+from stream_worker.store import run_migrations
+
+logger = logging.getLogger(__name__)
+
+MALFORMED = [b"not json at all", b'{"event_id": "x", "user_id": 7}', b"\xff\xfe\xfa"]
+
+
+@dataclass
+class DemoStats:
+    recommendations: int = 0
+    dead_letters: int = 0
+    latencies_ms: list[float] = field(default_factory=list)
+    users: set[str] = field(default_factory=set)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _train_demo_model(root: Path, data: Path | None, epochs: int) -> None:
+    cfg = TrainConfig(max_len=50, dim=32, blocks=1, heads=1, dropout=0.1, epochs=epochs, lr=5e-3)
+    if data is not None:
+        log = load_interactions(data)
+        sequences = build_sequence_data(log.sequences())
+        info = {"source": str(data), "format": log.format}
+    else:
+        sequences = build_sequence_data(generated_log())
+        info = {"source": "generated walks", "format": "generated"}
+    print(f"training a small SASRec on {info['source']} ({epochs} epochs)...", flush=True)
+    published = train_and_publish(sequences, info, root, cfg, IndexConfig(), progress=True)
+    print(
+        f"published {published.version}: test HR@10 {published.result.test['hr@10']:.3f} "
+        f"(popularity {published.result.popularity_test['hr@10']:.3f})",
+        flush=True,
+    )
+
+
+def _consume(
+    bootstrap: str, topics: list[str], stats: DemoStats, stop: threading.Event, show: int
+) -> None:
+    consumer = KafkaConsumer(
+        *topics, bootstrap_servers=bootstrap, auto_offset_reset="earliest", group_id=None
+    )
+    try:
+        while not stop.is_set():
+            for tp, records in consumer.poll(200).items():
+                for rec in records:
+                    payload = json.loads(rec.value)
+                    if tp.topic == topics[1]:
+                        stats.dead_letters += 1
+                        where = f"offset {payload['offset']}"
+                        reason = f"{payload['reason']} ({payload['detail']})"
+                        print(f"  dead letter at {where}: {reason}", flush=True)
+                        continue
+                    stats.recommendations += 1
+                    stats.users.add(payload["user_id"])
+                    stats.latencies_ms.append(payload["produced_ts"] - payload["event_ts"])
+                    if stats.recommendations <= show or stats.recommendations % 500 == 0:
+                        items = ", ".join(i["item_id"] for i in payload["items"][:5])
+                        print(
+                            f"  {payload['user_id']:>10} -> {items}  "
+                            f"({payload['produced_ts'] - payload['event_ts']} ms)",
+                            flush=True,
+                        )
+    finally:
+        consumer.close()
+
+
+def run_demo(
+    settings: Settings,
+    *,
+    workdir: Path,
+    artifacts: Path | None,
+    data: Path | None,
+    events: int,
+    rate: float,
+    epochs: int,
+    show: int,
+) -> DemoStats:
+    if workdir.exists():
+        shutil.rmtree(workdir)
+    workdir.mkdir(parents=True)
+    root = artifacts or workdir / "artifacts"
+    if artifacts is None:
+        _train_demo_model(root, data, epochs)
+    db_url = f"sqlite:///{workdir / 'recstream.db'}"
+    run_migrations(db_url)
+    stats = DemoStats()
+    stop = threading.Event()
+    with LocalBroker(log_dir=workdir) as broker:
+        print(f"broker up at {broker.bootstrap_servers}; starting a worker...", flush=True)
+        env = {
+            **os.environ,
+            "RECSTREAM_KAFKA__BOOTSTRAP_SERVERS": broker.bootstrap_servers,
+            "RECSTREAM_DATABASE__URL": db_url,
+            "RECSTREAM_ARTIFACTS__ROOT": str(root),
+            "RECSTREAM_WORKER__WEB_PORT": str(free_port()),
+            "RECSTREAM_WORKER__DATA_DIR": str(workdir / "worker"),
+        }
+        topics = settings.topics
+        with (workdir / "worker.log").open("w") as worker_log:
+            worker = subprocess.Popen(
+                [sys.executable, "-m", "stream_worker.cli", "worker"],
+                env=env,
+                stdout=worker_log,
+                stderr=subprocess.STDOUT,
+            )
+        consumer = threading.Thread(
+            target=_consume,
+            args=(
+                broker.bootstrap_servers,
+                [topics.recommendations, topics.dead_letter],
+                stats,
+                stop,
+                show,
+            ),
+            daemon=True,
+        )
+        try:
+            _wait_for_worker(worker, workdir / "worker.log")
+            consumer.start()
+            plan: list[PlannedEvent] = (
+                plan_replay(load_interactions(data), limit=events)
+                if data
+                else generate_clicks(events)
+            )
+            producer = KafkaProducer(bootstrap_servers=broker.bootstrap_servers, linger_ms=5)
+            started = time.monotonic()
+            print(f"replaying {len(plan)} clicks at {rate or 'max'} events/s...", flush=True)
+            sent = send_events(producer, topics.events, plan, rate=rate, progress=False)
+            for bad in MALFORMED:
+                producer.send(topics.events, value=bad)
+            producer.flush()
+            producer.close()
+            deadline = time.monotonic() + 60
+            expected_users = len({p.user_id for p in plan})
+            while time.monotonic() < deadline and (
+                len(stats.users) < expected_users or stats.dead_letters < len(MALFORMED)
+            ):
+                time.sleep(0.2)
+            elapsed = time.monotonic() - started
+            _print_summary(sent, elapsed, stats)
+        finally:
+            stop.set()
+            worker.send_signal(signal.SIGTERM)
+            try:
+                worker.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+            if consumer.is_alive():
+                consumer.join(timeout=5)
+    return stats
+
+
+def _wait_for_worker(worker: subprocess.Popen[bytes], log_path: Path, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if worker.poll() is not None:
+            tail = log_path.read_text(errors="replace")[-2000:]
+            raise WorkerError(f"the worker exited with status {worker.returncode}:\n{tail}")
+        if "partitions assigned" in log_path.read_text(errors="replace"):
+            return
+        time.sleep(0.2)
+    raise WorkerError(
+        f"the worker did not join its consumer group in {timeout:.0f}s; see {log_path}"
+    )
+
+
+def _print_summary(sent: int, elapsed: float, stats: DemoStats) -> None:
+    lat = np.array(stats.latencies_ms or [0.0])
+    print(
+        "\nsummary: "
+        f"{sent} events in {elapsed:.1f}s ({sent / max(elapsed, 1e-9):.0f} events/s), "
+        f"{stats.recommendations} recommendations for {len(stats.users)} users, "
+        f"latency p50 {np.percentile(lat, 50):.0f} ms / p99 {np.percentile(lat, 99):.0f} ms, "
+        f"{stats.dead_letters} dead letters",
+        flush=True,
+    )

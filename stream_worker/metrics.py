@@ -1,0 +1,66 @@
+"""Prometheus metrics of one worker, on a registry of its own (no import-time globals)."""
+
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+
+# Milliseconds: encode and search take ~0.1-10 ms, end to end up to seconds under backlog.
+MS_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
+BATCH_BUCKETS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500)
+
+
+@dataclass
+class WorkerMetrics:
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        self.events = Counter(
+            "recstream_events",
+            "Input records by outcome: applied, duplicate (already applied), dead_letter.",
+            ["outcome"],
+            registry=r,
+        )
+        self.dead_letters = Counter(
+            "recstream_dead_letters",
+            "Records sent to the dead-letter topic.",
+            ["reason"],
+            registry=r,
+        )
+        self.recommendations = Counter(
+            "recstream_recommendations", "Recommendations published.", registry=r
+        )
+        self.batch_size = Histogram(
+            "recstream_batch_size", "Records per micro-batch.", buckets=BATCH_BUCKETS, registry=r
+        )
+        self.stage_ms = Histogram(
+            "recstream_stage_ms",
+            "Time per micro-batch stage, milliseconds.",
+            ["stage"],
+            buckets=MS_BUCKETS,
+            registry=r,
+        )
+        self.end_to_end_ms = Histogram(
+            "recstream_end_to_end_ms",
+            "Event timestamp to recommendation produced, milliseconds.",
+            buckets=MS_BUCKETS,
+            registry=r,
+        )
+        self.db_retries = Counter(
+            "recstream_db_retries", "Database transactions retried after an outage.", registry=r
+        )
+        self.swaps = Counter(
+            "recstream_version_swaps", "Model/index versions swapped in.", registry=r
+        )
+        self.version = Info(
+            "recstream_serving", "The model and index versions serving.", registry=r
+        )
+        self.last_batch_ts = Gauge(
+            "recstream_last_batch_timestamp_seconds", "When the last batch finished.", registry=r
+        )
+
+    def set_version(self, model_version: str, index_version: str) -> None:
+        self.version.info({"model_version": model_version, "index_version": index_version})
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,215 @@
+"""One micro-batch, start to finish, as plain synchronous code.
+
+decode -> (dead letters) -> one DB transaction -> encode + search -> output records.
+The faust agent runs :meth:`BatchProcessor.process` on its own worker thread and only
+publishes what it returns, so this module knows nothing of Kafka clients.
+"""
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from sqlalchemy.engine import Engine
+from tenacity import (
+    RetryCallState,
+    retry,
+    retry_if_exception_type,
+    stop_never,
+    wait_exponential_jitter,
+)
+
+from stream_worker.errors import DatabaseUnavailable
+from stream_worker.events import (
+    ClickEvent,
+    DecodeLimits,
+    Rejected,
+    dead_letter_value,
+    decode_event,
+    recommendation_value,
+)
+from stream_worker.metrics import WorkerMetrics
+from stream_worker.recommender import Recommender, StageTimes, VersionWatcher
+from stream_worker.settings import Settings
+from stream_worker.store import AppliedBatch, apply_batch, load_sequences
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class RawRecord:
+    key: bytes | None
+    value: bytes | None
+    partition: int
+    offset: int
+
+
+@dataclass
+class BatchOutput:
+    recommendations: list[tuple[bytes, bytes]] = field(default_factory=list)
+    dead_letters: list[tuple[bytes | None, bytes]] = field(default_factory=list)
+    stages_ms: dict[str, float] = field(default_factory=dict)
+
+
+def _log_retry(state: RetryCallState) -> None:
+    exc = state.outcome.exception() if state.outcome else None
+    logger.warning("database unavailable (attempt %d), retrying: %s", state.attempt_number, exc)
+
+
+class BatchProcessor:
+    def __init__(
+        self,
+        settings: Settings,
+        engine: Engine,
+        watcher: VersionWatcher,
+        metrics: WorkerMetrics,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.watcher = watcher
+        self.metrics = metrics
+        self.clock = clock
+        self.limits = DecodeLimits.from_settings(settings.worker)
+        self.topic = settings.topics.events
+        # An outage blocks the batch (and so the partition's offsets) until the
+        # database is back: nothing is acknowledged that was not applied.
+        self._apply = retry(
+            retry=retry_if_exception_type(DatabaseUnavailable),
+            wait=wait_exponential_jitter(initial=0.2, max=10.0),
+            stop=stop_never,
+            before_sleep=self._before_retry,
+            reraise=True,
+        )(apply_batch)
+
+    def _before_retry(self, state: RetryCallState) -> None:
+        self.metrics.db_retries.inc()
+        _log_retry(state)
+
+    def now_ms(self) -> int:
+        return int(self.clock() * 1000)
+
+    def process(self, records: Sequence[RawRecord]) -> BatchOutput:
+        out = BatchOutput()
+        # One version per batch: a swap staged meanwhile applies to the next batch.
+        recommender = self.watcher.current()
+        t0 = time.perf_counter()
+        events: list[ClickEvent] = []
+        now = self.now_ms()
+        for rec in records:
+            decoded = decode_event(rec.value, rec.key, rec.partition, rec.offset, now, self.limits)
+            if isinstance(decoded, Rejected):
+                self._dead_letter(decoded, out, now)
+            else:
+                events.append(decoded)
+        t1 = time.perf_counter()
+        applied = None
+        if events:
+            max_len = recommender.loaded.max_len
+            applied = self._apply(self.engine, self.topic, events, max_len)
+        t2 = time.perf_counter()
+        times = StageTimes()
+        if applied is not None:
+            self.metrics.events.labels("applied").inc(applied.applied)
+            self.metrics.events.labels("duplicate").inc(applied.skipped)
+            out.recommendations = self._recommend(recommender, events, applied, times)
+        t3 = time.perf_counter()
+        out.stages_ms = {
+            "decode": (t1 - t0) * 1000,
+            "db": (t2 - t1) * 1000,
+            "encode": times.encode_ms,
+            "search": times.search_ms,
+            "rank": (t3 - t2) * 1000 - times.encode_ms - times.search_ms,
+        }
+        self.metrics.batch_size.observe(len(records))
+        for stage, ms in out.stages_ms.items():
+            self.metrics.stage_ms.labels(stage).observe(ms)
+        return out
+
+    def _dead_letter(self, rejected: Rejected, out: BatchOutput, now: int) -> None:
+        self.metrics.events.labels("dead_letter").inc()
+        self.metrics.dead_letters.labels(rejected.reason.value).inc()
+        logger.warning(
+            "dead letter partition=%d offset=%d reason=%s: %s",
+            rejected.partition,
+            rejected.offset,
+            rejected.reason.value,
+            rejected.detail,
+        )
+        out.dead_letters.append((rejected.key, dead_letter_value(rejected, self.topic, now)))
+
+    def _recommend(
+        self,
+        recommender: Recommender,
+        events: Sequence[ClickEvent],
+        applied: AppliedBatch,
+        times: StageTimes,
+    ) -> list[tuple[bytes, bytes]]:
+        k = self.settings.worker.top_k
+        sequences = dict(applied.sequences)
+        last_event = dict(applied.last_event)
+        # Re-delivered events (a crash after the DB commit, before the publish) are not
+        # applied twice, but their users still get a recommendation from stored state.
+        replayed = {e.user_id: e for e in events if e.user_id not in sequences}
+        if replayed:
+            sequences.update(load_sequences(self.engine, list(replayed)))
+            for user, event in replayed.items():
+                last_event.setdefault(user, event)
+        if self.settings.worker.emit_per_event:
+            return self._recommend_per_event(applied, sequences, recommender, k, times)
+        ranked = recommender.recommend(sequences, k, times)
+        produced = self.now_ms()
+        out = []
+        for user, items in ranked.items():
+            event = last_event[user]
+            out.append(self._record(user, items, recommender, event, produced))
+        return out
+
+    def _recommend_per_event(
+        self,
+        applied: AppliedBatch,
+        sequences: dict[str, list[str]],
+        recommender: Recommender,
+        k: int,
+        times: StageTimes,
+    ) -> list[tuple[bytes, bytes]]:
+        # The state after each event is the final state without the user's later items
+        # of this batch.
+        remaining: dict[str, int] = {}
+        for event in applied.applied_events:
+            remaining[event.user_id] = remaining.get(event.user_id, 0) + 1
+        states: dict[str, list[str]] = {}
+        order: list[tuple[str, ClickEvent]] = []
+        for i, event in enumerate(applied.applied_events):
+            remaining[event.user_id] -= 1
+            full = sequences[event.user_id]
+            key = f"{i}\x00{event.user_id}"
+            states[key] = full[: len(full) - remaining[event.user_id]]
+            order.append((key, event))
+        ranked = recommender.recommend(states, k, times)
+        produced = self.now_ms()
+        return [
+            self._record(event.user_id, ranked[key], recommender, event, produced)
+            for key, event in order
+        ]
+
+    def _record(
+        self,
+        user: str,
+        items: list[tuple[str, float]],
+        recommender: Recommender,
+        event: ClickEvent,
+        produced: int,
+    ) -> tuple[bytes, bytes]:
+        self.metrics.end_to_end_ms.observe(max(0, produced - event.ts))
+        self.metrics.recommendations.inc()
+        value = recommendation_value(
+            user,
+            items,
+            recommender.model_version,
+            recommender.index_version,
+            event.event_id,
+            event.ts,
+            produced,
+        )
+        return user.encode(), value

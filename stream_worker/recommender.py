@@ -1,0 +1,227 @@
+"""Serving one model version: sequences in, top-K unseen items out.
+
+Pure ranking (``top_k_unseen``, ``popular_unseen``) is kept apart from the runtime that
+holds the TorchScript encoder and the FAISS index, so it is tested without either.
+"""
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+from model.artifacts import LoadedVersion, load_version, read_current
+from model.errors import ArtifactError
+from model.index import search, to_device
+from model.sequences import pad_left
+from model.train import resolve_device
+
+logger = logging.getLogger(__name__)
+
+Ranked = list[tuple[str, float]]
+
+
+def top_k_unseen(
+    ids: Sequence[int],
+    scores: Sequence[float],
+    seen: set[int],
+    item_ids: Sequence[str],
+    k: int,
+) -> Ranked:
+    """The first ``k`` results that are neither padding nor already seen, in order."""
+    out: Ranked = []
+    for idx, score in zip(ids, scores, strict=True):
+        if idx <= 0 or idx in seen:
+            continue
+        out.append((item_ids[idx], float(score)))
+        if len(out) == k:
+            break
+    return out
+
+
+def popular_unseen(popularity: Sequence[str], seen: set[str], k: int) -> Ranked:
+    """Fallback for users with no known item: the most popular unseen items, scored
+    ``1 / (1 + popularity rank)`` so scores still order the list."""
+    out: Ranked = []
+    for rank, item in enumerate(popularity):
+        if item in seen:
+            continue
+        out.append((item, 1.0 / (1 + rank)))
+        if len(out) == k:
+            break
+    return out
+
+
+@dataclass
+class StageTimes:
+    encode_ms: float = 0.0
+    search_ms: float = 0.0
+
+
+@dataclass
+class Recommender:
+    """A verified version, loaded onto its device, ready to rank."""
+
+    loaded: LoadedVersion
+    device: torch.device
+    index: object
+    item_index: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, root: Path, version: str | None = None, device: str = "auto") -> "Recommender":
+        torch_device = resolve_device(device)
+        loaded = load_version(root, version, map_location=str(torch_device))
+        index, _ = to_device(loaded.index, "cuda" if torch_device.type == "cuda" else "cpu")
+        recommender = cls(loaded, torch_device, index, loaded.item_index())
+        recommender.warm_up()
+        return recommender
+
+    @property
+    def model_version(self) -> str:
+        return self.loaded.model_version
+
+    @property
+    def index_version(self) -> str:
+        return self.loaded.index_version
+
+    def warm_up(self) -> None:
+        """One tiny query so the first real batch does not pay for lazy initialisation."""
+        self.recommend({"warm-up": [self.loaded.item_ids[1]]}, 1)
+
+    @torch.inference_mode()
+    def user_vectors(self, histories: Sequence[Sequence[int]]) -> npt.NDArray[np.float32]:
+        batch = torch.from_numpy(pad_left(histories, self.loaded.max_len)).to(self.device)
+        vectors: torch.Tensor = self.loaded.encoder(batch)
+        return vectors.float().cpu().numpy()
+
+    def recommend(
+        self, sequences: Mapping[str, Sequence[str]], k: int, times: StageTimes | None = None
+    ) -> dict[str, Ranked]:
+        """Top ``k`` unseen items for each user's sequence (external ids, newest last)."""
+        out: dict[str, Ranked] = {}
+        known_users: list[str] = []
+        histories: list[list[int]] = []
+        for user, items in sequences.items():
+            indices = [self.item_index[i] for i in items if i in self.item_index]
+            if indices:
+                known_users.append(user)
+                histories.append(indices)
+            else:
+                out[user] = popular_unseen(self.loaded.manifest["popularity"], set(items), k)
+        if not known_users:
+            return out
+        started = time.perf_counter()
+        vectors = self.user_vectors(histories)
+        encoded = time.perf_counter()
+        # Ask for enough extra results to survive dropping the user's seen items.
+        seen_sets = [set(h) for h in histories]
+        depth = k + max(len(s) for s in seen_sets)
+        scores, ids = search(self.index, vectors, depth)
+        searched = time.perf_counter()
+        for row, user in enumerate(known_users):
+            out[user] = top_k_unseen(
+                ids[row].tolist(), scores[row].tolist(), seen_sets[row], self.loaded.item_ids, k
+            )
+        if times is not None:
+            times.encode_ms += (encoded - started) * 1000
+            times.search_ms += (searched - encoded) * 1000
+        return out
+
+
+class VersionWatcher:
+    """Follows ``CURRENT``: loads and verifies a new version in a background thread and
+    hands it over at the next ``current()`` call, i.e. between batches.
+
+    A version that fails to load is logged and refused; the old one keeps serving, and
+    the broken version is not retried until ``CURRENT`` names something else.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        device: str,
+        poll_interval_s: float,
+        on_swap: Callable[[Recommender], None] | None = None,
+    ) -> None:
+        self.root = root
+        self.device = device
+        self.poll_interval_s = poll_interval_s
+        self.on_swap = on_swap
+        self._active = Recommender.load(root, device=device)
+        self._pending: Recommender | None = None
+        self._refused: str | None = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        logger.info(
+            "serving model %s, index %s", self._active.model_version, self._active.index_version
+        )
+
+    @property
+    def active(self) -> Recommender:
+        """The version serving now, without swapping."""
+        return self._active
+
+    def current(self) -> Recommender:
+        """The version to use for the next batch (swapping in a loaded one, if any)."""
+        with self._lock:
+            if self._pending is not None:
+                old, self._active, self._pending = self._active, self._pending, None
+                logger.info(
+                    "swapped version %s -> %s (model %s, index %s)",
+                    old.loaded.version,
+                    self._active.loaded.version,
+                    self._active.model_version,
+                    self._active.index_version,
+                )
+                if self.on_swap:
+                    self.on_swap(self._active)
+            return self._active
+
+    def check_once(self) -> bool:
+        """Load the version CURRENT names if it is new; True when one is staged."""
+        try:
+            wanted = read_current(self.root)
+        except ArtifactError as exc:
+            logger.warning("cannot read CURRENT: %s", exc)
+            return False
+        with self._lock:
+            staged = self._pending.loaded.version if self._pending else None
+        if wanted in {self._active.loaded.version, staged, self._refused}:
+            return False
+        try:
+            candidate = Recommender.load(self.root, wanted, self.device)
+        except (ArtifactError, RuntimeError, OSError) as exc:
+            self._refused = wanted
+            logger.error(
+                "refusing version %s, still serving %s: %s",
+                wanted,
+                self._active.loaded.version,
+                exc,
+            )
+            return False
+        with self._lock:
+            self._pending = candidate
+        logger.info("version %s loaded and verified; swapping at the next batch", wanted)
+        return True
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="version-watcher", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.poll_interval_s):
+            try:
+                self.check_once()
+            except Exception:  # the watcher must outlive any surprise
+                logger.exception("version check failed")

@@ -1,0 +1,630 @@
+"""The worker's state: each user's recent item sequence and the last applied offset per partition.
+
+Both tables are written in one transaction per micro-batch (:func:`apply_batch`), so a
+batch replayed after a crash (Kafka redelivers everything after the last committed
+consumer offset) finds its events at or below the stored partition offset and skips
+them: state is updated exactly once per event.
+
+SQLite (a file, the embedded default) and PostgreSQL (production) are supported. The
+schema is owned by the Alembic migrations in the repository's ``migrations/``
+directory; :func:`run_migrations` applies them and :func:`check_migrated` refuses to
+run against a database that is not at their head.
+
+Pure logic (:func:`merge_events`) is apart from I/O so it is tested without a database.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from alembic.util.exc import CommandError
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Column,
+    DateTime,
+    Engine,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    bindparam,
+    create_engine,
+    event,
+    func,
+    select,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import URL, Connection, make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.sql.expression import Executable
+
+from model.errors import ConfigError
+from stream_worker.errors import DatabaseNotMigrated, DatabaseUnavailable, StoreError
+from stream_worker.events import ClickEvent
+
+logger = logging.getLogger(__name__)
+
+MIGRATIONS_DIR = Path(__file__).resolve().parents[1] / "migrations"
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+PG_CONNECT_TIMEOUT_S = 10
+NO_OFFSET = -1  # "nothing applied yet": Kafka offsets start at 0
+
+# Bound parameters per IN (...) list; SQLite allows 32766 per statement, PostgreSQL 65535.
+_IN_CHUNK = 1000
+# Execution option that makes a SQLite transaction take the write lock at BEGIN.
+_WRITE = "recstream_write"
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+user_sequences = Table(
+    "user_sequences",
+    metadata,
+    Column("user_id", String(255), primary_key=True),
+    # External item ids, oldest first, newest last, at most max_len of them.
+    Column("items", JSON, nullable=False),
+    Column("event_count", BigInteger, nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+)
+
+partition_offsets = Table(
+    "partition_offsets",
+    metadata,
+    Column("topic", String(255), primary_key=True),
+    Column("partition", Integer, primary_key=True, autoincrement=False),
+    Column("last_offset", BigInteger, nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+)
+
+
+# --------------------------------------------------------------------------- pure logic
+
+
+class Merge(NamedTuple):
+    """What :func:`merge_events` decided; unpacks as a 4-tuple."""
+
+    sequences: dict[str, list[str]]  # new full sequence of every user with an applied event
+    offsets: dict[int, int]  # new last offset of every partition with an applied event
+    applied: list[ClickEvent]  # in batch order
+    skipped: int  # events at or below the partition's offset (re-deliveries)
+
+    def event_counts(self) -> Counter[str]:
+        """Applied events per user: what each user's ``event_count`` grows by."""
+        return Counter(e.user_id for e in self.applied)
+
+
+def merge_events(
+    stored_offsets: Mapping[int, int],
+    stored_sequences: Mapping[str, Sequence[str]],
+    events: Iterable[ClickEvent],
+    max_len: int,
+) -> Merge:
+    """Apply ``events`` (in batch order) to the stored state, without touching it.
+
+    An event is applied when its offset is above its partition's high-water mark: the
+    stored offset at first, then the offset of the last event applied from the same
+    partition in this batch, so a duplicate inside one batch is skipped like a
+    re-delivery. Applied items are appended in batch order and each touched sequence
+    keeps its newest ``max_len`` items.
+    """
+    if max_len < 1:
+        raise ValueError(f"max_len must be at least 1, got {max_len}")
+    watermark = dict(stored_offsets)
+    sequences: dict[str, list[str]] = {}
+    offsets: dict[int, int] = {}
+    applied: list[ClickEvent] = []
+    skipped = 0
+    for ev in events:
+        if ev.offset <= watermark.get(ev.partition, NO_OFFSET):
+            skipped += 1
+            continue
+        watermark[ev.partition] = offsets[ev.partition] = ev.offset
+        seq = sequences.get(ev.user_id)
+        if seq is None:
+            seq = sequences[ev.user_id] = list(stored_sequences.get(ev.user_id, ()))
+        seq.append(ev.item_id)
+        applied.append(ev)
+    for seq in sequences.values():
+        # Cap once at the end: cheaper than per append, same result.
+        if len(seq) > max_len:
+            del seq[:-max_len]
+    return Merge(sequences, offsets, applied, skipped)
+
+
+@dataclass
+class AppliedBatch:
+    """The outcome of :func:`apply_batch`."""
+
+    sequences: dict[str, list[str]]  # new full sequence of every user with an applied event
+    applied: int
+    skipped: int  # events at or below the stored offset (re-deliveries)
+    last_event: dict[str, ClickEvent] = field(default_factory=dict)  # per user, newest applied
+    applied_events: list[ClickEvent] = field(default_factory=list)
+
+
+# ------------------------------------------------------------------------------ engines
+
+
+def redacted(url: str | URL) -> str:
+    """``url`` with its password (and any ``*password*`` query parameter) shown as ``***``."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        return "<invalid database URL>"
+    secret_keys = [key for key in parsed.query if "password" in key.lower()]
+    if secret_keys:
+        parsed = parsed.difference_update_query(secret_keys).update_query_dict(
+            dict.fromkeys(secret_keys, "***")
+        )
+    return parsed.render_as_string(hide_password=True)
+
+
+def make_engine(url: str, *, pool_size: int = 5, echo: bool = False) -> Engine:
+    """An engine for a SQLite file or PostgreSQL URL, tuned for the worker.
+
+    SQLite: the file's directory is created, connections use WAL and a busy timeout,
+    and transactions begin explicitly (see :func:`_sqlite_on_begin`). PostgreSQL:
+    pooled connections are pinged before use (a restarted server or a dropped idle
+    connection costs a reconnect, not a failed batch) and connecting times out; a URL
+    without a driver (``postgresql://``) uses psycopg2.
+    """
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise ConfigError(
+            "RECSTREAM_DATABASE__URL is not a database URL "
+            "(expected sqlite:///PATH or postgresql+psycopg2://USER:PASSWORD@HOST:PORT/DB)"
+        ) from None
+    backend = parsed.get_backend_name()
+    if backend == "sqlite":
+        return _sqlite_engine(parsed, pool_size=pool_size, echo=echo)
+    if backend == "postgresql":
+        if parsed.drivername == "postgresql":
+            # SQLAlchemy 2.1 defaults to psycopg 3; the project ships psycopg2.
+            parsed = parsed.set(drivername="postgresql+psycopg2")
+        connect_args: dict[str, Any] = {}
+        if parsed.get_driver_name() in ("psycopg2", "psycopg") and (
+            "connect_timeout" not in parsed.query
+        ):
+            connect_args["connect_timeout"] = PG_CONNECT_TIMEOUT_S
+        return create_engine(
+            parsed,
+            pool_size=pool_size,
+            pool_pre_ping=True,
+            echo=echo,
+            connect_args=connect_args,
+        )
+    raise ConfigError(
+        f"unsupported database {redacted(parsed)}: recstream keeps state in SQLite or PostgreSQL"
+    )
+
+
+def _sqlite_engine(url: URL, *, pool_size: int, echo: bool) -> Engine:
+    database = url.database or ""
+    in_memory = database in ("", ":memory:")
+    if not in_memory and not database.startswith("file:"):
+        directory = Path(database).expanduser().parent
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot create {directory} for the SQLite database {redacted(url)}: "
+                f"{exc.strerror}; check RECSTREAM_DATABASE__URL"
+            ) from None
+    # In-memory databases get SingletonThreadPool, whose pool_size means something else.
+    pool_args: dict[str, Any] = {} if in_memory else {"pool_size": pool_size}
+    engine = create_engine(url, echo=echo, **pool_args)
+    event.listen(engine, "connect", _sqlite_on_connect)
+    event.listen(engine, "begin", _sqlite_on_begin)
+    return engine
+
+
+def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
+    # The sqlite3 driver's legacy mode never BEGINs before a SELECT, so a read-then-write
+    # transaction would not be isolated; take transaction control (see _sqlite_on_begin).
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    try:
+        # Wait for another writer's lock instead of failing at once with "database is
+        # locked" (set first: switching to WAL may itself wait for a lock).
+        cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+        # Readers do not block the writer nor it them; the mode is stored in the file.
+        cursor.execute("PRAGMA journal_mode = WAL")
+    finally:
+        cursor.close()
+
+
+def _sqlite_on_begin(conn: Connection) -> None:
+    # A write transaction takes the database's write lock at BEGIN: two workers that both
+    # read the stored offsets and then write serialize here, and the second one reads
+    # what the first committed. A deferred BEGIN would let both read the same offsets.
+    if conn.get_execution_options().get(_WRITE):
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+    else:
+        conn.exec_driver_sql("BEGIN")
+
+
+def _reason(exc: DBAPIError, url: URL) -> str:
+    text = " ".join(str(exc.orig).split()) or type(exc.orig).__name__
+    if url.password:
+        # Drivers do not echo the password, but a message is no place to find out.
+        text = text.replace(str(url.password), "***")
+    return text
+
+
+def _unavailable(engine: Engine, exc: DBAPIError) -> DatabaseUnavailable:
+    return DatabaseUnavailable(
+        f"database {redacted(engine.url)} is unavailable: {_reason(exc, engine.url)}"
+    )
+
+
+def _is_sqlite_busy(exc: DBAPIError) -> bool:
+    text = str(exc.orig)
+    return "database is locked" in text or "database is busy" in text
+
+
+@contextmanager
+def _transaction(engine: Engine, *, write: bool = False) -> Iterator[Connection]:
+    """A connection in a transaction, committed on success; connection failures, a lost
+    connection and an expired SQLite busy timeout become :class:`DatabaseUnavailable`."""
+    try:
+        conn = engine.connect()
+    except (OperationalError, InterfaceError) as exc:
+        raise _unavailable(engine, exc) from exc
+    try:
+        with conn:
+            if write:
+                conn.execution_options(**{_WRITE: True})
+            with conn.begin():
+                yield conn
+    except (OperationalError, InterfaceError) as exc:
+        if exc.connection_invalidated or _is_sqlite_busy(exc):
+            raise _unavailable(engine, exc) from exc
+        raise
+
+
+def _chunks(values: Sequence[str], size: int = _IN_CHUNK) -> Iterator[Sequence[str]]:
+    for start in range(0, len(values), size):
+        yield values[start : start + size]
+
+
+# ---------------------------------------------------------------------------- migrations
+
+
+def alembic_config(url: str | None = None) -> Config:
+    """The Alembic configuration, built in code (there is no ``alembic.ini``).
+
+    ``url`` reaches ``migrations/env.py`` through ``config.attributes`` (never through
+    the ini-style options, whose ``%`` interpolation would mangle an encoded password).
+    """
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR).replace("%", "%%"))
+    config.set_main_option("path_separator", "os")
+    if url is not None:
+        config.attributes["url"] = url
+    return config
+
+
+@functools.cache
+def _script_directory() -> ScriptDirectory:
+    return ScriptDirectory.from_config(alembic_config())
+
+
+def expected_revision() -> str:
+    """The head revision of the migrations shipped with this version."""
+    head = _script_directory().get_current_head()
+    if head is None:
+        raise StoreError(f"no migrations found in {MIGRATIONS_DIR}: the installation is broken")
+    return head
+
+
+def current_revision(engine: Engine) -> str | None:
+    """The database's revision; ``None`` when it was never migrated."""
+    with _transaction(engine) as conn:
+        return MigrationContext.configure(conn).get_current_revision()
+
+
+def _known_revision(revision: str) -> bool:
+    try:
+        _script_directory().get_revision(revision)
+    except CommandError:  # alembic's answer for an id it has no script for
+        return False
+    return True
+
+
+def check_migrated(engine: Engine) -> None:
+    """Raise :class:`DatabaseNotMigrated` unless the database is at the expected revision.
+
+    Raises :class:`DatabaseUnavailable` when the database cannot be reached.
+    """
+    expected = expected_revision()
+    current = current_revision(engine)
+    if current == expected:
+        return
+    where = redacted(engine.url)
+    if current is not None and not _known_revision(current):
+        raise DatabaseNotMigrated(
+            f"database {where} is at revision {current}, which this version does not know "
+            f"(expected {expected}): it was migrated by a newer recstream; deploy that version"
+        )
+    shown = current if current is not None else "none (empty)"
+    raise DatabaseNotMigrated(
+        f"database {where} is at revision {shown}, expected {expected}: run `recstream migrate`"
+    )
+
+
+def run_migrations(url: str, revision: str = "head") -> tuple[str | None, str]:
+    """Upgrade the database at ``url`` to ``revision``; returns (revision before, after).
+
+    All migrations run in one transaction (both databases have transactional DDL), so
+    a failure leaves the database at the revision it had.
+    """
+    engine = make_engine(url, pool_size=1)
+    try:
+        with _transaction(engine, write=True) as conn:
+            before = MigrationContext.configure(conn).get_current_revision()
+            config = alembic_config(url)
+            # env.py runs on this connection, inside this transaction.
+            config.attributes["connection"] = conn
+            try:
+                command.upgrade(config, revision)
+            except CommandError as exc:
+                raise ConfigError(f"cannot migrate {redacted(url)} to {revision}: {exc}") from None
+            after = MigrationContext.configure(conn).get_current_revision()
+    finally:
+        engine.dispose()
+    if after is None:
+        raise StoreError(f"database {redacted(url)} has no revision after migrating to {revision}")
+    if before == after:
+        logger.info("database %s already at revision %s", redacted(url), after)
+    else:
+        logger.info("migrated database %s from %s to %s", redacted(url), before, after)
+    return before, after
+
+
+# ---------------------------------------------------------------------------- hot path
+
+
+def apply_batch(
+    engine: Engine, topic: str, events: Sequence[ClickEvent], max_len: int
+) -> AppliedBatch:
+    """Append a micro-batch's items to its users' sequences and advance partition offsets.
+
+    One transaction: the batch's partition offsets are read under a lock (PostgreSQL: row
+    locks; SQLite: the database write lock taken at BEGIN), events at or below them are
+    skipped, and the touched sequences and new offsets are upserted together. Two
+    workers applying the same partition at once (during a rebalance) serialize, and the
+    second skips what the first applied. ``events`` must be in per-partition offset order.
+    Four statements, each sent once whatever the batch size.
+    """
+    if max_len < 1:
+        raise ValueError(f"max_len must be at least 1, got {max_len}")
+    if not events:
+        return AppliedBatch(sequences={}, applied=0, skipped=0)
+    partitions = sorted({ev.partition for ev in events})
+    with _transaction(engine, write=True) as conn:
+        statements = _statements(conn.dialect.name)
+        offsets = _locked_offsets(conn, statements, topic, partitions)
+        # Only users with an event above the stored offset need their sequence read.
+        candidates = sorted(
+            {ev.user_id for ev in events if ev.offset > offsets.get(ev.partition, NO_OFFSET)}
+        )
+        stored = _select_sequences(conn, statements.lock_sequences, candidates)
+        merged = merge_events(offsets, stored, events, max_len)
+        if merged.applied:
+            counts = merged.event_counts()
+            _execute_many(
+                conn,
+                statements.upsert_sequences,
+                [
+                    {"user_id": user, "items": seq, "event_count": counts[user]}
+                    for user, seq in sorted(merged.sequences.items())
+                ],
+            )
+            _execute_many(
+                conn,
+                statements.upsert_offsets,
+                [
+                    {"topic": topic, "partition": p, "last_offset": o}
+                    for p, o in sorted(merged.offsets.items())
+                ],
+            )
+    last_event = {ev.user_id: ev for ev in merged.applied}
+    logger.debug(
+        "applied %d events (%d re-deliveries skipped) to %d users from %s partitions %s",
+        len(merged.applied),
+        merged.skipped,
+        len(merged.sequences),
+        topic,
+        partitions,
+    )
+    return AppliedBatch(
+        sequences=merged.sequences,
+        applied=len(merged.applied),
+        skipped=merged.skipped,
+        last_event=last_event,
+        applied_events=merged.applied,
+    )
+
+
+class _Statements(NamedTuple):
+    lock_offsets: Executable  # params: topic, partitions (or one row per partition)
+    lock_sequences: Executable  # params: user_ids
+    upsert_sequences: Executable  # rows: user_id, items, event_count
+    upsert_offsets: Executable  # rows: topic, partition, last_offset
+
+
+# Built once per dialect: constructing Core statements costs more than compiling them
+# (which SQLAlchemy caches anyway). Timestamps are the server's, one expression per row.
+@functools.cache
+def _statements(dialect: str) -> _Statements:
+    insert: Callable[[Table], sqlite.Insert | postgresql.Insert]
+    if dialect == "postgresql":
+        insert = postgresql.insert
+    elif dialect == "sqlite":
+        insert = sqlite.insert
+    else:
+        raise StoreError(f"unsupported database dialect {dialect!r}: use SQLite or PostgreSQL")
+    offsets = partition_offsets.c
+    sequences = user_sequences.c
+
+    lock_offsets: Executable
+    if dialect == "postgresql":
+        # SELECT ... FOR UPDATE cannot lock a row that does not exist yet, so two workers
+        # seeing a partition for the first time would both apply it. An upsert whose
+        # conflict branch rewrites the row unchanged creates the missing rows and locks
+        # all of them in one statement; a racing transaction waits on the row, then gets
+        # the committed offset. Rows in partition order: no lock-order deadlock.
+        ins = postgresql.insert(partition_offsets).values(updated_at=func.now())
+        lock_offsets = ins.on_conflict_do_update(
+            index_elements=[offsets.topic, offsets.partition],
+            set_={"last_offset": offsets.last_offset},
+        ).returning(offsets.partition, offsets.last_offset)
+    else:
+        # SQLite: the transaction already holds the database write lock (BEGIN IMMEDIATE).
+        lock_offsets = select(offsets.partition, offsets.last_offset).where(
+            offsets.topic == bindparam("topic"),
+            offsets.partition.in_(bindparam("partitions", expanding=True)),
+        )
+
+    # PostgreSQL: guards a user whose events arrive on two partitions (keys are user ids,
+    # so that takes a misbehaving producer); ordered, so locks are taken in one order.
+    # SQLite renders no FOR UPDATE and needs none.
+    lock_sequences = (
+        select(sequences.user_id, sequences["items"])
+        .where(sequences.user_id.in_(bindparam("user_ids", expanding=True)))
+        .order_by(sequences.user_id)
+        .with_for_update()
+    )
+
+    ins_seq = insert(user_sequences).values(updated_at=func.now())
+    upsert_sequences = ins_seq.on_conflict_do_update(
+        index_elements=[sequences.user_id],
+        set_={
+            # "items" collides with ColumnCollection.items(): index, never attribute access.
+            "items": ins_seq.excluded["items"],
+            "event_count": sequences.event_count + ins_seq.excluded.event_count,
+            "updated_at": ins_seq.excluded.updated_at,
+        },
+    )
+
+    ins_off = insert(partition_offsets).values(updated_at=func.now())
+    upsert_offsets = ins_off.on_conflict_do_update(
+        index_elements=[offsets.topic, offsets.partition],
+        set_={
+            "last_offset": ins_off.excluded.last_offset,
+            "updated_at": ins_off.excluded.updated_at,
+        },
+        # Never move an offset backwards, whatever the caller passed.
+        where=offsets.last_offset < ins_off.excluded.last_offset,
+    )
+
+    if dialect == "postgresql":
+        # RETURNING makes SQLAlchemy send an executemany as multi-row VALUES pages
+        # ("insertmanyvalues"); without it, SQLAlchemy 2.1 runs an ON CONFLICT executemany
+        # row by row: a round trip per user. Safe because a batch's keys are distinct (one
+        # statement may not upsert a row twice).
+        return _Statements(
+            lock_offsets,
+            lock_sequences,
+            upsert_sequences.returning(sequences.user_id),
+            upsert_offsets.returning(offsets.partition),
+        )
+    # sqlite3's executemany is a loop in C over one prepared statement: no RETURNING.
+    return _Statements(lock_offsets, lock_sequences, upsert_sequences, upsert_offsets)
+
+
+def _execute_many(conn: Connection, stmt: Executable, rows: list[dict[str, Any]]) -> None:
+    result = conn.execute(stmt, rows)
+    if result.returns_rows:
+        result.all()
+
+
+def _locked_offsets(
+    conn: Connection, statements: _Statements, topic: str, partitions: list[int]
+) -> dict[int, int]:
+    if conn.dialect.name == "postgresql":
+        rows = [{"topic": topic, "partition": p, "last_offset": NO_OFFSET} for p in partitions]
+        result = conn.execute(statements.lock_offsets, rows)
+    else:
+        result = conn.execute(statements.lock_offsets, {"topic": topic, "partitions": partitions})
+    return {int(p): int(o) for p, o in result.all()}
+
+
+def _select_sequences(
+    conn: Connection, stmt: Executable, user_ids: Sequence[str]
+) -> dict[str, Any]:
+    found: dict[str, Any] = {}
+    for chunk in _chunks(user_ids):
+        found.update((user, items) for user, items in conn.execute(stmt, {"user_ids": chunk}).all())
+    return found
+
+
+# ------------------------------------------------------------------------------- reads
+
+
+_SELECT_SEQUENCES = select(user_sequences.c.user_id, user_sequences.c["items"]).where(
+    user_sequences.c.user_id.in_(bindparam("user_ids", expanding=True))
+)
+
+
+def load_sequences(engine: Engine, user_ids: Iterable[str]) -> dict[str, list[str]]:
+    """The stored sequences of ``user_ids`` (users without state are absent)."""
+    wanted = sorted(set(user_ids))
+    if not wanted:
+        return {}
+    with _transaction(engine) as conn:
+        found = _select_sequences(conn, _SELECT_SEQUENCES, wanted)
+    return {user: list(items) for user, items in found.items()}
+
+
+def iter_sequences(engine: Engine, batch_size: int = 1000) -> Iterator[tuple[str, list[str]]]:
+    """Every user's sequence, in user id order, for offline retraining.
+
+    Pages by user id (keyset), one short transaction per page: no long-running read
+    holds back the workers' writes or PostgreSQL's vacuum.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    after: str | None = None
+    while True:
+        stmt = (
+            select(user_sequences.c.user_id, user_sequences.c["items"])
+            .order_by(user_sequences.c.user_id)
+            .limit(batch_size)
+        )
+        if after is not None:
+            stmt = stmt.where(user_sequences.c.user_id > after)
+        with _transaction(engine) as conn:
+            page = [(str(user), list(items)) for user, items in conn.execute(stmt)]
+        yield from page
+        if len(page) < batch_size:
+            return
+        after = page[-1][0]
+
+
+def stored_offsets(engine: Engine, topic: str) -> dict[int, int]:
+    """The last applied offset of every partition of ``topic`` that has one."""
+    stmt = select(partition_offsets.c.partition, partition_offsets.c.last_offset).where(
+        partition_offsets.c.topic == topic, partition_offsets.c.last_offset > NO_OFFSET
+    )
+    with _transaction(engine) as conn:
+        return {int(p): int(o) for p, o in conn.execute(stmt)}

@@ -1,0 +1,199 @@
+"""Starting real ``recstream worker`` processes against the session's broker.
+
+Shared by the integration tests: a tiny model published as real artifacts, a migrated
+database, a worker subprocess, and kafka-python clients to feed and read it.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from kafka import KafkaConsumer, KafkaProducer
+
+from model.config import IndexConfig, TrainConfig
+from model.data import build_sequence_data
+from model.pipeline import train_and_publish
+from model.sasrec import SASRec
+from model.sequences import pad_left
+from stream_worker.events import event_value
+from stream_worker.produce import generated_log
+
+TINY = TrainConfig(
+    max_len=20, dim=16, blocks=1, heads=1, dropout=0.0, epochs=4, lr=5e-3, batch_size=64,
+    device="cpu",
+)  # fmt: skip
+
+
+@dataclass
+class TinyModel:
+    root: Path
+    version: str
+    model: SASRec
+    item_ids: list[str]
+
+    def offline_top_k(self, sequence: list[str], k: int) -> list[str]:
+        """The eager model's top-k for a sequence, seen items and padding removed."""
+        index = {item: i for i, item in enumerate(self.item_ids) if i}
+        history = [index[i] for i in sequence if i in index]
+        with torch.no_grad():
+            scores = self.model.score_all(
+                torch.from_numpy(pad_left([history], self.model.max_len))
+            )[0]
+        scores[0] = -torch.inf
+        scores[history] = -torch.inf
+        return [self.item_ids[i] for i in torch.topk(scores, k).indices.tolist()]
+
+
+def publish_tiny_model(root: Path, seed: int = 0) -> TinyModel:
+    data = build_sequence_data(generated_log(users=60, items=40, length=25, seed=seed))
+    published = train_and_publish(
+        data, {"source": "generated"}, root, TINY.model_copy(update={"seed": seed}), IndexConfig(),
+        progress=False,
+    )  # fmt: skip
+    return TinyModel(root, published.version, published.result.model.eval(), data.item_ids)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class WorkerProcess:
+    env: dict[str, str]
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None = None
+    topics: dict[str, str] = field(default_factory=dict)
+
+    def start(self, timeout: float = 90) -> "WorkerProcess":
+        with self.log_path.open("a") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "stream_worker.cli", "worker"],
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + timeout
+        marker_count = self.log().count("partitions assigned")
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"worker exited {self.proc.returncode}:\n{self.log()[-3000:]}")
+            if self.log().count("partitions assigned") > marker_count:
+                return self
+            time.sleep(0.2)
+        raise AssertionError(f"worker did not join in {timeout}s:\n{self.log()[-3000:]}")
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+def worker_env(
+    bootstrap: str, db_url: str, root: Path, topics: dict[str, str], workdir: Path, **extra: str
+) -> dict[str, str]:
+    return {
+        **os.environ,
+        "RECSTREAM_KAFKA__BOOTSTRAP_SERVERS": bootstrap,
+        "RECSTREAM_DATABASE__URL": db_url,
+        "RECSTREAM_ARTIFACTS__ROOT": str(root),
+        "RECSTREAM_ARTIFACTS__POLL_INTERVAL_S": "0.5",
+        "RECSTREAM_TOPICS__EVENTS": topics["events"],
+        "RECSTREAM_TOPICS__RECOMMENDATIONS": topics["recommendations"],
+        "RECSTREAM_TOPICS__DEAD_LETTER": topics["dead_letter"],
+        "RECSTREAM_TOPICS__PARTITIONS": "2",
+        "RECSTREAM_WORKER__GROUP_ID": topics["events"] + "-group",
+        "RECSTREAM_WORKER__WEB_PORT": str(free_port()),
+        "RECSTREAM_WORKER__DATA_DIR": str(workdir / "faust"),
+        "RECSTREAM_WORKER__BATCH_MAX_WAIT_MS": "10",
+        "RECSTREAM_WORKER__TOP_K": "5",
+        **extra,
+    }
+
+
+def send(
+    bootstrap: str, topic: str, events: Iterable[tuple[str, str, str]], ts: int | None = None
+) -> list[str]:
+    """Publish (event_id, user, item) views keyed by user; returns the ids in order."""
+    producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=2)
+    ids = []
+    for event_id, user, item in events:
+        value = event_value(event_id, user, item, "view", ts or int(time.time() * 1000))
+        producer.send(topic, key=user.encode(), value=value)
+        ids.append(event_id)
+    producer.flush()
+    producer.close()
+    return ids
+
+
+def send_raw(bootstrap: str, topic: str, records: Iterable[tuple[bytes | None, bytes]]) -> None:
+    producer = KafkaProducer(bootstrap_servers=bootstrap)
+    for key, value in records:
+        producer.send(topic, key=key, value=value)
+    producer.flush()
+    producer.close()
+
+
+class Reader:
+    """Reads a topic from the beginning, accumulating JSON values."""
+
+    def __init__(self, bootstrap: str, topic: str) -> None:
+        self.consumer = KafkaConsumer(
+            topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", group_id=None
+        )
+        self.values: list[dict[str, Any]] = []
+        self.keys: list[bytes | None] = []
+
+    def read_until(self, done: Any, timeout: float = 60) -> list[dict[str, Any]]:
+        deadline = time.monotonic() + timeout
+        while not done(self.values) and time.monotonic() < deadline:
+            for records in self.consumer.poll(200).values():
+                for rec in records:
+                    self.values.append(json.loads(rec.value))
+                    self.keys.append(rec.key)
+        return self.values
+
+    def close(self) -> None:
+        self.consumer.close()
+
+    def __enter__(self) -> "Reader":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def latest_by_user(values: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for value in values:
+        out[value["user_id"]] = value
+    return out
+
+
+def walk_events(
+    prefix: str, users: int, length: int, items: int = 40
+) -> Iterator[tuple[str, str, str]]:
+    """Interleaved per-user walks over the catalogue, like the training data."""
+    rng = np.random.default_rng(len(prefix))
+    starts = rng.integers(0, items, size=users)
+    for t in range(length):
+        for u in range(users):
+            yield f"{prefix}-{u}-{t}", f"{prefix}-user-{u}", f"item-{(starts[u] + t) % items}"
