@@ -47,7 +47,10 @@ def configure_logging(level: str) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # CPU-feature probing noise
+    if level != "DEBUG":
+        # Client libraries log every connection and rebalance at INFO.
+        for noisy in ("faiss.loader", "kafka", "aiokafka", "faust", "mode", "alembic"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def _columns(spec: str | None) -> dict[str, str] | None:
@@ -216,8 +219,8 @@ def demo(
         Path | None,
         typer.Option(help="Train on and replay this log instead of generated clicks.", exists=True),
     ] = None,
-    events: Annotated[int, typer.Option(min=1, help="Clicks to replay.")] = 5000,
-    rate: Annotated[float, typer.Option(min=0, help="Events per second; 0: unlimited.")] = 1000,
+    events: Annotated[int, typer.Option(min=1, help="Clicks to replay.")] = 3000,
+    rate: Annotated[float, typer.Option(min=0, help="Events per second; 0: unlimited.")] = 200,
     epochs: Annotated[int, typer.Option(min=1, help="Epochs for the demo model.")] = 15,
     show: Annotated[int, typer.Option(min=0, help="Recommendations to print in full.")] = 20,
     workdir: Annotated[Path, typer.Option(help="Scratch directory (recreated).")] = Path(

@@ -65,7 +65,7 @@ def _train_demo_model(root: Path, data: Path | None, epochs: int) -> None:
         sequences = build_sequence_data(generated_log())
         info = {"source": "generated walks", "format": "generated"}
     print(f"training a small SASRec on {info['source']} ({epochs} epochs)...", flush=True)
-    published = train_and_publish(sequences, info, root, cfg, IndexConfig(), progress=True)
+    published = train_and_publish(sequences, info, root, cfg, IndexConfig(), progress=False)
     print(
         f"published {published.version}: test HR@10 {published.result.test['hr@10']:.3f} "
         f"(popularity {published.result.popularity_test['hr@10']:.3f})",

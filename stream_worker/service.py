@@ -50,6 +50,7 @@ def run_worker(settings: Settings) -> None:
         override_logging=False,
         quiet=True,
     )
+    worker.spinner = None  # it writes terminal control codes into the log
     # Loads new versions in the background; the swap happens between batches.
     ctx.watcher.start()
     try:
