@@ -40,6 +40,15 @@ class WorkerContext:
     records: int = 0
 
 
+def describe_positions(records: list[RawRecord]) -> str:
+    """``partition=P offsets=A..B`` for each partition in a batch, for log lines."""
+    spans: dict[int, tuple[int, int]] = {}
+    for rec in records:
+        low, high = spans.get(rec.partition, (rec.offset, rec.offset))
+        spans[rec.partition] = (min(low, rec.offset), max(high, rec.offset))
+    return ", ".join(f"partition={p} offsets={a}..{b}" for p, (a, b) in sorted(spans.items()))
+
+
 def create_app(settings: Settings, engine: Engine) -> WorkerContext:
     """Build the faust app, its topics, agent, health and metrics pages."""
     metrics = WorkerMetrics()
@@ -102,7 +111,14 @@ def create_app(settings: Settings, engine: Engine) -> WorkerContext:
                 RawRecord(e.message.key, e.message.value, e.message.partition, e.message.offset)
                 for e in events
             ]
-            output = await loop.run_in_executor(executor, processor.process, records)
+            try:
+                output = await loop.run_in_executor(executor, processor.process, records)
+            except Exception:
+                # A bug, not bad input (that is dead-lettered): crash without acking, so
+                # the batch is re-read after the restart.
+                logger.exception("batch failed: %s", describe_positions(records))
+                raise
+            logger.debug("batch done: %s", describe_positions(records))
             started = time.perf_counter()
             for key, value in output.dead_letters:
                 await dead_letter_topic.send(key=key, value=value)
