@@ -32,7 +32,13 @@ DATASETS: dict[str, tuple[str, dict[str, str]]] = {
     # 55k items: a full softmax per position does not fit; sampled negatives do.
     "taobao": (
         "ecommerce/taobao_UserBehavior_head.csv",
-        {"LOSS": "sampled-ce", "NEGATIVES": "1024", "LR": "2e-3", "PATIENCE": "10", "EPOCHS": "200"},
+        {
+            "LOSS": "sampled-ce",
+            "NEGATIVES": "1024",
+            "LR": "2e-3",
+            "PATIENCE": "10",
+            "EPOCHS": "200",
+        },
     ),
 }
 
@@ -56,15 +62,18 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench-out/accuracy"))
     args = parser.parse_args()
     recstream = str(Path(sys.executable).with_name("recstream"))
-    print("| dataset | users | model HR@10 | model NDCG@10 | popularity HR@10 | popularity NDCG@10 "
-          "| best epoch | train wall | peak RSS |")
+    print(
+        "| dataset | users | model HR@10 | model NDCG@10 | popularity HR@10 | popularity NDCG@10 "
+        "| best epoch | train wall | peak RSS |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for name in args.datasets:
         path, overrides = DATASETS[name]
         env = {**os.environ, **{f"RECSTREAM_TRAIN__{k}": v for k, v in overrides.items()}}
         root = args.out / name
         _, wall, rss = run(
-            [recstream, "train", "--data", str(DATA / path), "--out", str(root), "--no-progress"], env
+            [recstream, "train", "--data", str(DATA / path), "--out", str(root), "--no-progress"],
+            env,
         )
         stdout, _, _ = run(
             [recstream, "evaluate", "--data", str(DATA / path), "--artifacts", str(root),
