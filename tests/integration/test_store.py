@@ -28,6 +28,7 @@ from stream_worker.store import (
     stored_offsets,
     user_sequences,
 )
+from tests.factories import click_event
 
 pytestmark = pytest.mark.integration
 
@@ -35,15 +36,7 @@ TOPIC = "clickstream"
 
 
 def ev(user: str, item: str, offset: int, partition: int = 0) -> ClickEvent:
-    return ClickEvent(
-        event_id=f"{partition}-{offset}",
-        user_id=user,
-        item_id=item,
-        event_type="click",
-        ts=1_700_000_000_000 + offset,
-        partition=partition,
-        offset=offset,
-    )
+    return click_event(user, item, offset, partition, "click")
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

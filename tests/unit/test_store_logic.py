@@ -6,18 +6,11 @@ import pytest
 
 from stream_worker.events import ClickEvent
 from stream_worker.store import merge_events, redacted
+from tests.factories import click_event
 
 
 def ev(user: str, item: str, offset: int, partition: int = 0) -> ClickEvent:
-    return ClickEvent(
-        event_id=f"{partition}-{offset}",
-        user_id=user,
-        item_id=item,
-        event_type="view",
-        ts=1_700_000_000_000 + offset,
-        partition=partition,
-        offset=offset,
-    )
+    return click_event(user, item, offset, partition, "view")
 
 
 def test_appends_in_batch_order_after_stored_items() -> None:

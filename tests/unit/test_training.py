@@ -2,7 +2,6 @@
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from model.artifacts import load_version, read_current
@@ -10,6 +9,7 @@ from model.config import IndexConfig, TrainConfig
 from model.data import build_sequence_data
 from model.pipeline import evaluate_version, train_and_publish
 from model.train import train_sasrec
+from stream_worker.produce import generated_log
 
 TINY = TrainConfig(
     max_len=8, dim=16, blocks=1, heads=1, dropout=0.0, epochs=12, batch_size=32, lr=5e-3,
@@ -17,15 +17,10 @@ TINY = TrainConfig(
 )  # fmt: skip
 
 
-def cyclic_sequences(users: int = 120, items: int = 30, length: int = 10, seed: int = 0) -> dict:
-    """Each user walks the catalogue in order from a random start: the next item is
-    fully predictable from the last one, while popularity is flat."""
-    rng = np.random.default_rng(seed)
-    out = {}
-    for u in range(users):
-        start = int(rng.integers(items))
-        out[f"u{u}"] = [f"i{(start + t) % items}" for t in range(length)]
-    return out
+def cyclic_sequences(users: int = 120, items: int = 30, length: int = 10) -> dict:
+    """Walks over the catalogue: the next item is fully predictable from the last one,
+    while popularity is flat."""
+    return generated_log(users=users, items=items, length=length)
 
 
 def test_training_learns_a_sequential_pattern_popularity_cannot() -> None:
