@@ -76,7 +76,7 @@ class BatchProcessor:
         # database is back: nothing is acknowledged that was not applied.
         self._apply = retry(
             retry=retry_if_exception_type(DatabaseUnavailable),
-            wait=wait_exponential_jitter(initial=0.2, max=10.0),
+            wait=wait_exponential_jitter(multiplier=0.2, max=10.0, jitter=0.2),
             stop=stop_never,
             before_sleep=self._before_retry,
             reraise=True,

@@ -1,0 +1,102 @@
+"""BatchProcessor against a real SQLite file and real artifacts (no broker needed)."""
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from stream_worker.events import event_value
+from stream_worker.metrics import WorkerMetrics
+from stream_worker.pipeline import BatchProcessor, RawRecord
+from stream_worker.recommender import VersionWatcher
+from stream_worker.settings import Settings
+from stream_worker.store import load_sequences, make_engine, run_migrations
+from tests.integration.worker_harness import TinyModel, publish_tiny_model
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> TinyModel:
+    return publish_tiny_model(tmp_path_factory.mktemp("artifacts"))
+
+
+def processor(tiny: TinyModel, tmp_path: Path, **worker: object) -> BatchProcessor:
+    url = f"sqlite:///{tmp_path / 'state.db'}"
+    run_migrations(url)
+    settings = Settings.model_validate(
+        {"worker": {"top_k": 5, **worker}, "artifacts": {"root": str(tiny.root)}}
+    )
+    watcher = VersionWatcher(tiny.root, "cpu", 60.0)
+    return BatchProcessor(settings, make_engine(url), watcher, WorkerMetrics())
+
+
+def records(events: list[tuple[str, str, str]], start: int = 0) -> list[RawRecord]:
+    now = int(time.time() * 1000)
+    return [
+        RawRecord(user.encode(), event_value(eid, user, item, "view", now), 0, start + n)
+        for n, (eid, user, item) in enumerate(events)
+    ]
+
+
+def test_several_events_of_a_user_give_one_recommendation_for_the_latest_state(
+    tiny: TinyModel, tmp_path: Path
+) -> None:
+    proc = processor(tiny, tmp_path)
+    batch = records([("e1", "u", "item-1"), ("e2", "u", "item-2"), ("e3", "u", "item-3")])
+    out = proc.process(batch)
+    assert len(out.recommendations) == 1
+    key, value = out.recommendations[0]
+    rec = json.loads(value)
+    assert key == b"u" and rec["source_event_id"] == "e3"
+    items = [i["item_id"] for i in rec["items"]]
+    assert items == tiny.offline_top_k(["item-1", "item-2", "item-3"], 5)
+
+
+def test_emit_per_event_gives_one_recommendation_per_state(tiny: TinyModel, tmp_path: Path) -> None:
+    proc = processor(tiny, tmp_path, emit_per_event=True)
+    out = proc.process(records([("e1", "u", "item-1"), ("e2", "u", "item-2")]))
+    recs = [json.loads(v) for _, v in out.recommendations]
+    assert [r["source_event_id"] for r in recs] == ["e1", "e2"]
+    assert [i["item_id"] for i in recs[0]["items"]] == tiny.offline_top_k(["item-1"], 5)
+    assert [i["item_id"] for i in recs[1]["items"]] == tiny.offline_top_k(["item-1", "item-2"], 5)
+
+
+def test_unknown_items_get_the_popularity_fallback(tiny: TinyModel, tmp_path: Path) -> None:
+    proc = processor(tiny, tmp_path)
+    out = proc.process(records([("e1", "new-user", "never-seen-item")]))
+    rec = json.loads(out.recommendations[0][1])
+    popularity = tiny_popularity(tiny)
+    assert [i["item_id"] for i in rec["items"]] == popularity[:5]
+
+
+def tiny_popularity(tiny: TinyModel) -> list[str]:
+    manifest = json.loads((tiny.root / tiny.version / "manifest.json").read_text())
+    return list(manifest["popularity"])
+
+
+def test_a_redelivered_batch_is_not_applied_twice_but_still_answered(
+    tiny: TinyModel, tmp_path: Path
+) -> None:
+    proc = processor(tiny, tmp_path)
+    batch = records([("e1", "u", "item-1"), ("e2", "v", "item-2")])
+    first = proc.process(batch)
+    again = proc.process(batch)
+    assert load_sequences(proc.engine, ["u", "v"]) == {"u": ["item-1"], "v": ["item-2"]}
+    assert sorted(k for k, _ in again.recommendations) == [b"u", b"v"]
+    assert [json.loads(v)["items"] for _, v in sorted(first.recommendations)] == [
+        json.loads(v)["items"] for _, v in sorted(again.recommendations)
+    ]
+
+
+def test_bad_records_become_dead_letters_and_good_ones_still_flow(
+    tiny: TinyModel, tmp_path: Path
+) -> None:
+    proc = processor(tiny, tmp_path)
+    batch = [RawRecord(b"u", b"{oops", 0, 0), *records([("e1", "u", "item-1")], start=1)]
+    out = proc.process(batch)
+    assert len(out.dead_letters) == 1
+    assert json.loads(out.dead_letters[0][1])["reason"] == "not_json"
+    assert len(out.recommendations) == 1
+    assert set(out.stages_ms) == {"decode", "db", "encode", "search", "rank"}
