@@ -43,16 +43,20 @@ DATASETS: dict[str, tuple[str, dict[str, str]]] = {
 }
 
 
-def run(cmd: list[str], env: dict[str, str]) -> tuple[str, float, float]:
-    """stdout, wall seconds and peak RSS (MiB) of ``cmd``."""
+def run(cmd: list[str], env: dict[str, str], log: Path) -> tuple[str, float, float]:
+    """stdout, wall seconds and peak RSS (MiB) of ``cmd``; its log (per-epoch lines)
+    goes to ``log`` as it runs."""
     started = time.perf_counter()
-    proc = subprocess.run(
-        ["/usr/bin/time", "-v", *cmd], env=env, capture_output=True, text=True, check=False
-    )
+    with log.open("w") as err:
+        proc = subprocess.run(
+            ["/usr/bin/time", "-v", *cmd], env=env, stdout=subprocess.PIPE, stderr=err,
+            text=True, check=False,
+        )  # fmt: skip
     wall = time.perf_counter() - started
+    text = log.read_text()
     if proc.returncode != 0:
-        sys.exit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
-    rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)
+        sys.exit(f"{' '.join(cmd)} failed:\n{text[-3000:]}")
+    rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", text)
     return proc.stdout, wall, int(rss.group(1)) / 1024 if rss else float("nan")
 
 
@@ -71,14 +75,18 @@ def main() -> None:
         path, overrides = DATASETS[name]
         env = {**os.environ, **{f"RECSTREAM_TRAIN__{k}": v for k, v in overrides.items()}}
         root = args.out / name
+        root.mkdir(parents=True, exist_ok=True)
+        data = str(DATA / path)
         _, wall, rss = run(
-            [recstream, "train", "--data", str(DATA / path), "--out", str(root), "--no-progress"],
+            [recstream, "train", "--data", data, "--out", str(root), "--no-progress"],
             env,
+            root / "train.log",
         )
         stdout, _, _ = run(
-            [recstream, "evaluate", "--data", str(DATA / path), "--artifacts", str(root),
-             "--no-progress"], env,
-        )  # fmt: skip
+            [recstream, "evaluate", "--data", data, "--artifacts", str(root), "--no-progress"],
+            env,
+            root / "evaluate.log",
+        )
         result = json.loads(stdout.strip().splitlines()[-1])
         manifest = json.loads((root / result["version"] / "manifest.json").read_text())
         pop = result["popularity"]

@@ -51,11 +51,6 @@ class BatchOutput:
     stages_ms: dict[str, float] = field(default_factory=dict)
 
 
-def _log_retry(state: RetryCallState) -> None:
-    exc = state.outcome.exception() if state.outcome else None
-    logger.warning("database unavailable (attempt %d), retrying: %s", state.attempt_number, exc)
-
-
 class BatchProcessor:
     def __init__(
         self,
@@ -84,7 +79,8 @@ class BatchProcessor:
 
     def _before_retry(self, state: RetryCallState) -> None:
         self.metrics.db_retries.inc()
-        _log_retry(state)
+        exc = state.outcome.exception() if state.outcome else None
+        logger.warning("database unavailable (attempt %d), retrying: %s", state.attempt_number, exc)
 
     def now_ms(self) -> int:
         return int(self.clock() * 1000)
@@ -105,8 +101,8 @@ class BatchProcessor:
         t1 = time.perf_counter()
         applied = None
         if events:
-            max_len = recommender.loaded.max_len
-            applied = self._apply(self.engine, self.topic, events, max_len)
+            history = self.settings.worker.history_length
+            applied = self._apply(self.engine, self.topic, events, history)
         t2 = time.perf_counter()
         times = StageTimes()
         if applied is not None:

@@ -61,6 +61,12 @@ class WorkerSettings(BaseModel):
     batch_size: int = Field(256, ge=1, description="Most events in one micro-batch.")
     batch_max_wait_ms: int = Field(20, ge=0, description="Longest wait to fill a micro-batch.")
     top_k: int = Field(10, ge=1, le=1000)
+    history_length: int = Field(
+        200,
+        ge=1,
+        description="Items kept per user in the database; the encoder reads its own max_len "
+        "of them, so a model with another max_len needs no migration.",
+    )
     emit_per_event: bool = Field(
         False, description="One recommendation per event instead of one per user and batch."
     )
