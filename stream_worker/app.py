@@ -18,6 +18,7 @@ from typing import Any
 import faust
 from sqlalchemy.engine import Engine
 
+from stream_worker.faust_transport import App
 from stream_worker.kafka_config import faust_broker_options
 from stream_worker.metrics import WorkerMetrics
 from stream_worker.pipeline import BatchProcessor, RawRecord
@@ -67,8 +68,9 @@ def create_app(settings: Settings, engine: Engine) -> WorkerContext:
     metrics.set_version(active.model_version, active.index_version)
     processor = BatchProcessor(settings, engine, watcher, metrics)
     topics = settings.topics
-    app = faust.App(
+    app = App(
         settings.worker.group_id,
+        fetch_max_wait_ms=settings.worker.fetch_max_wait_ms,
         **faust_broker_options(settings.kafka),
         store="memory://",
         datadir=str(settings.worker.data_dir),

@@ -82,6 +82,9 @@ class WorkerSettings(BaseModel):
         description="Consumer group session timeout; a dead worker's partitions move after it.",
     )
     producer_linger_ms: int = Field(5, ge=0, description="Producer batching delay.")
+    fetch_max_wait_ms: int = Field(
+        50, ge=1, description="Longest broker long-poll per fetch: a floor on idle latency."
+    )
     web_port: int = Field(6066, ge=0, le=65535, description="Health and metrics HTTP port.")
     data_dir: Path = Path("var/worker")
 
