@@ -64,6 +64,26 @@ def train_and_publish(
 ) -> PublishedModel:
     """Train SASRec on ``data`` and publish a complete, servable version under ``out``."""
     result = train_sasrec(data, train_cfg, progress=progress)
+    version = publish_trained(result, data, data_info, out, train_cfg, index_cfg, switch=switch)
+    return PublishedModel(version, result)
+
+
+def publish_trained(
+    result: TrainResult,
+    data: SequenceData,
+    data_info: Mapping[str, Any],
+    out: Path,
+    train_cfg: TrainConfig,
+    index_cfg: IndexConfig,
+    *,
+    switch: bool = True,
+    extra_info: Mapping[str, Any] | None = None,
+) -> str:
+    """Publish a trained model as a complete version under ``out``; returns its name.
+
+    ``extra_info`` adds top-level manifest keys (the retrain job records its quality
+    gate there).
+    """
     model = result.model.cpu().eval()
     popularity = [data.item_ids[i] for i in result.popularity[:1000].tolist() if i]
     info = {
@@ -88,6 +108,7 @@ def train_and_publish(
             "torch": torch.__version__,
             "history": [asdict(h) for h in result.history],
         },
+        **(extra_info or {}),
     }
     contents = VersionContents(
         encoder=script_encoder(model),
@@ -101,10 +122,9 @@ def train_and_publish(
     def write_curve(path: Path) -> None:
         plot_training_curve(result.history, path)
 
-    version = publish_version(
+    return publish_version(
         out, contents, index_cfg, switch=switch, extra_files={CURVE: write_curve}
     )
-    return PublishedModel(version, result)
 
 
 def load_training_data(

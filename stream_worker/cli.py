@@ -15,7 +15,7 @@ import typer
 from pydantic import ValidationError
 
 from model.config import IndexConfig
-from model.errors import ConfigError, RecstreamError
+from model.errors import ArtifactError, ConfigError, RecstreamError
 from stream_worker.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -150,6 +150,118 @@ def build_index(
     typer.echo(json.dumps({"version": new, "source": source, "index": manifest["index"]}))
 
 
+ArtifactsRootOpt = Annotated[
+    Path | None,
+    typer.Option("--artifacts", help="Artifact root (default: RECSTREAM_ARTIFACTS__ROOT)."),
+]
+
+
+@app.command()
+def retrain(
+    artifacts: ArtifactsRootOpt = None,
+    epochs: Annotated[int | None, typer.Option(min=1, help="Most epochs to train.")] = None,
+    factory: Annotated[
+        str | None, typer.Option(help="FAISS factory string (default: RECSTREAM_INDEX__FACTORY).")
+    ] = None,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = False,
+) -> None:
+    """The periodic job: train on the worker's database, gate on quality, publish, switch.
+
+    Trains on every user's sequence in RECSTREAM_DATABASE__URL
+    (RECSTREAM_TRAIN__*), scores the live version on the same validation
+    data, and publishes and switches CURRENT only if the new validation
+    NDCG@10 is not worse by more than RECSTREAM_RETRAIN__QUALITY_MARGIN
+    (exit 3 otherwise). One run at a time per artifact root: a second run
+    exits 2 at once, or waits RECSTREAM_RETRAIN__LOCK_TIMEOUT_S seconds.
+    Prints one JSON line.
+    """
+    from model.errors import QualityGateRefused
+    from model.retrain import run_retrain
+    from stream_worker.store import check_migrated, iter_sequences, make_engine, redacted
+
+    settings = load_settings()
+    root = artifacts or settings.artifacts.root
+    cfg = settings.train.model_copy(update={"epochs": epochs} if epochs else {})
+    index_cfg = settings.index.model_copy(update={"factory": factory} if factory else {})
+    url = settings.database.url.get_secret_value()
+    engine = make_engine(url, pool_size=1)
+
+    def load() -> dict[str, list[str]]:
+        check_migrated(engine)
+        return dict(iter_sequences(engine))
+
+    try:
+        outcome = run_retrain(
+            root,
+            load,
+            {"source": redacted(url), "table": "user_sequences"},
+            cfg,
+            index_cfg,
+            quality_margin=settings.retrain.quality_margin,
+            min_users=settings.retrain.min_users,
+            lock_timeout_s=settings.retrain.lock_timeout_s,
+            progress=progress,
+        )
+    finally:
+        engine.dispose()
+    typer.echo(json.dumps(outcome.as_json()))
+    if not outcome.published:
+        raise QualityGateRefused(
+            f"quality gate: {outcome.decision.reason} (live version {outcome.live_version}, "
+            "same validation data): nothing published, CURRENT unchanged"
+        )
+    if outcome.switched:
+        typer.echo(f"published {outcome.version} and switched CURRENT", err=True)
+    else:
+        typer.echo(
+            f"published {outcome.version}; CURRENT was changed by someone else during the "
+            "run and was left as it is",
+            err=True,
+        )
+
+
+@app.command()
+def versions(artifacts: ArtifactsRootOpt = None) -> None:
+    """List the versions under the artifact root, oldest first; * marks CURRENT."""
+    from model.artifacts import version_summaries
+
+    settings = load_settings()
+    root = artifacts or settings.artifacts.root
+    summaries = version_summaries(root)
+    if not summaries:
+        raise ArtifactError(f"no versions under {root}")
+
+    def fmt(value: object) -> str:
+        return f"{value:.4f}" if isinstance(value, float) else str(value or "-")
+
+    lines = [f"  {'version':<24} {'created':<26} {'model':<24} {'index':<14} valid_ndcg@10"]
+    for s in summaries:
+        mark = "*" if s["current"] else " "
+        if not s["complete"]:
+            lines.append(f"{mark} {s['version']:<24} incomplete: {s['error']}")
+            continue
+        lines.append(
+            f"{mark} {s['version']:<24} {fmt(s['created']):<26} {fmt(s['model_version']):<24} "
+            f"{fmt(s['index']):<14} {fmt(s['valid_ndcg@10'])}"
+        )
+    typer.echo("\n".join(lines), err=True)
+    typer.echo(json.dumps({"root": str(root), "versions": summaries}))
+
+
+@app.command()
+def rollback(
+    to: Annotated[str, typer.Option("--to", help="Version to serve (see `recstream versions`).")],
+    artifacts: ArtifactsRootOpt = None,
+) -> None:
+    """Point CURRENT at another existing version (verified first); workers follow it."""
+    from model.artifacts import rollback as switch_back
+
+    settings = load_settings()
+    root = artifacts or settings.artifacts.root
+    previous = switch_back(root, to)
+    typer.echo(json.dumps({"current": to, "previous": previous}))
+
+
 @app.command()
 def worker() -> None:
     """Run the streaming worker until SIGINT/SIGTERM (settings from RECSTREAM_* variables)."""
@@ -248,7 +360,7 @@ def main() -> None:
         app()
     except RecstreamError as exc:
         typer.echo(f"error: {exc}", err=True)
-        raise SystemExit(2) from None
+        raise SystemExit(exc.exit_code) from None
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         raise SystemExit(130) from None

@@ -56,6 +56,26 @@ class ArtifactSettings(BaseModel):
     poll_interval_s: float = Field(5.0, gt=0, description="How often workers check CURRENT.")
 
 
+class RetrainSettings(BaseModel):
+    """The periodic ``recstream retrain`` job (training itself: ``RECSTREAM_TRAIN__*``)."""
+
+    quality_margin: float = Field(
+        0.005,
+        ge=0,
+        le=1,
+        description="Most the new model's validation NDCG@10 may fall below the live "
+        "version's (absolute, both measured on the same fresh data) and still be published.",
+    )
+    min_users: int = Field(
+        100, ge=1, description="Fewest users with 3+ stored items needed to train at all."
+    )
+    lock_timeout_s: float = Field(
+        0.0,
+        ge=0,
+        description="How long a run waits for another run's lock; 0 fails at once.",
+    )
+
+
 class WorkerSettings(BaseModel):
     group_id: str = "recstream"
     batch_size: int = Field(256, ge=1, description="Most events in one micro-batch.")
@@ -102,6 +122,7 @@ class Settings(BaseSettings):
     topics: TopicSettings = TopicSettings()
     artifacts: ArtifactSettings = ArtifactSettings()
     worker: WorkerSettings = WorkerSettings()
+    retrain: RetrainSettings = RetrainSettings()
     train: TrainConfig = TrainConfig()
     index: IndexConfig = IndexConfig()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
