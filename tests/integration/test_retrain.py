@@ -18,7 +18,6 @@ from typing import Any
 
 import pytest
 from filelock import FileLock
-from sqlalchemy import text
 
 from model.artifacts import list_versions, load_version, read_current, read_manifest
 from model.retrain import LOCK_FILE
@@ -30,6 +29,7 @@ from tests.integration.worker_harness import (
     WorkerProcess,
     publish_tiny_model,
     send,
+    wait_until_applied,
     walk_events,
     worker_env,
 )
@@ -77,14 +77,7 @@ def filled(broker: LocalBroker, tmp_path_factory: pytest.TempPathFactory) -> Fil
         events = list(walk_events("rt", users=USERS, length=LENGTH))
         send(broker.bootstrap_servers, topics["events"], events)
         engine = make_engine(db_url)
-        deadline = time.monotonic() + 60
-        total: int | None = 0
-        while time.monotonic() < deadline:
-            with engine.connect() as conn:
-                total = conn.execute(text("select sum(event_count) from user_sequences")).scalar()
-            if total == len(events):
-                break
-            time.sleep(0.2)
+        total = wait_until_applied(engine, len(events))
         engine.dispose()
         assert total == len(events), f"worker applied {total} of {len(events)} events"
     finally:

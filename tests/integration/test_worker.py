@@ -11,7 +11,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import text
 
 from model.artifacts import rebuild_index
 from model.config import IndexConfig
@@ -21,10 +20,12 @@ from tests.integration.worker_harness import (
     Reader,
     TinyModel,
     WorkerProcess,
+    applied_events,
     latest_by_user,
     publish_tiny_model,
     send,
     send_raw,
+    wait_until_applied,
     walk_events,
     worker_env,
 )
@@ -186,13 +187,7 @@ def test_redelivered_offsets_are_not_applied_twice(
         proc = WorkerProcess(env, tmp_path / f"{group}.log").start()
         with Reader(bootstrap, topics["recommendations"]) as reader:
             reader.read_until(lambda vs: len(latest_by_user(vs)) >= len(users))
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            with engine.connect() as conn:
-                total = conn.execute(text("select sum(event_count) from user_sequences")).scalar()
-            if total == len(events):
-                break
-            time.sleep(0.2)
+        assert wait_until_applied(engine, len(events), timeout=30) == len(events)
         assert proc.stop() == 0
         return load_sequences(engine, users)
 
@@ -201,9 +196,7 @@ def test_redelivered_offsets_are_not_applied_twice(
     assert first == second
     for user in users:
         assert first[user] == [item for _, u, item in events if u == user]
-    with engine.connect() as conn:
-        total = conn.execute(text("select sum(event_count) from user_sequences")).scalar()
-    assert total == len(events)
+    assert applied_events(engine) == len(events)
 
 
 def test_swap_under_steady_traffic_loses_no_event_and_refuses_broken_versions(

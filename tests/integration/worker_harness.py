@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 from kafka import KafkaConsumer, KafkaProducer
+from sqlalchemy import text
+from sqlalchemy.engine import Engine
 
 from model.config import IndexConfig, TrainConfig
 from model.data import build_sequence_data
@@ -197,3 +199,20 @@ def walk_events(
     for t in range(length):
         for u in range(users):
             yield f"{prefix}-{u}-{t}", f"{prefix}-user-{u}", f"item-{(starts[u] + t) % items}"
+
+
+def applied_events(engine: Engine) -> int:
+    """Events the worker has applied to state, from the database."""
+    with engine.connect() as conn:
+        total = conn.execute(text("select sum(event_count) from user_sequences")).scalar()
+    return int(total or 0)
+
+
+def wait_until_applied(engine: Engine, expected: int, timeout: float = 60) -> int:
+    """Poll the state until ``expected`` events are applied (or time runs out)."""
+    deadline = time.monotonic() + timeout
+    total = applied_events(engine)
+    while total != expected and time.monotonic() < deadline:
+        time.sleep(0.2)
+        total = applied_events(engine)
+    return total
