@@ -10,7 +10,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -23,8 +22,8 @@ from kafka import KafkaConsumer, KafkaProducer
 
 from model.config import IndexConfig, TrainConfig
 from model.data import build_sequence_data, load_interactions
-from model.pipeline import train_and_publish
-from stream_worker.broker import LocalBroker
+from model.pipeline import load_training_data, train_and_publish
+from stream_worker.broker import LocalBroker, free_port
 from stream_worker.errors import WorkerError
 from stream_worker.produce import (
     PlannedEvent,
@@ -49,18 +48,10 @@ class DemoStats:
     users: set[str] = field(default_factory=set)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _train_demo_model(root: Path, data: Path | None, epochs: int) -> None:
     cfg = TrainConfig(max_len=50, dim=32, blocks=1, heads=1, dropout=0.1, epochs=epochs, lr=5e-3)
     if data is not None:
-        log = load_interactions(data)
-        sequences = build_sequence_data(log.sequences())
-        info = {"source": str(data), "format": log.format}
+        sequences, info = load_training_data(data)
     else:
         sequences = build_sequence_data(generated_log())
         info = {"source": "generated walks", "format": "generated"}

@@ -7,7 +7,6 @@ database, a worker subprocess, and kafka-python clients to feed and read it.
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ from model.data import build_sequence_data
 from model.pipeline import train_and_publish
 from model.sasrec import SASRec
 from model.sequences import pad_left
+from stream_worker.broker import free_port
 from stream_worker.events import event_value
 from stream_worker.produce import generated_log
 
@@ -63,12 +63,6 @@ def publish_tiny_model(root: Path, seed: int = 0) -> TinyModel:
         progress=False,
     )  # fmt: skip
     return TinyModel(root, published.version, published.result.model.eval(), data.item_ids)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass
