@@ -25,6 +25,9 @@ class TrainConfig(BaseModel):
     batch_size: int = Field(128, ge=1)
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="cosine decays lr to 0 over `epochs` (anneals the last steps)."
+    )
     patience: int = Field(
         10, ge=1, description="Epochs without a better validation NDCG@10 before stopping."
     )

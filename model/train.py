@@ -126,6 +126,12 @@ def train_sasrec(
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=cfg.lr, betas=(0.9, 0.98), weight_decay=cfg.weight_decay
     )
+    steps_per_epoch = math.ceil(len(matrix) / cfg.batch_size)
+    scheduler = (
+        torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs * steps_per_epoch)
+        if cfg.lr_schedule == "cosine"
+        else None
+    )
     generator = np.random.default_rng(cfg.seed)
     logger.info(
         "training SASRec on %s: %d users, %d items, %d parameters, loss=%s",
@@ -143,7 +149,7 @@ def train_sasrec(
         epoch_start = time.perf_counter()
         model.train()
         order = generator.permutation(len(matrix))
-        total, steps = 0.0, math.ceil(len(order) / cfg.batch_size)
+        total, steps = 0.0, steps_per_epoch
         batches = tqdm(
             range(steps), desc=f"epoch {epoch}", disable=not progress, leave=False, unit="batch"
         )
@@ -154,6 +160,8 @@ def train_sasrec(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()  # type: ignore[no-untyped-call]
             optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
             total += float(loss.detach())
         stats = EpochStats(epoch, total / max(steps, 1), time.perf_counter() - epoch_start)
         if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
