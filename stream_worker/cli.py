@@ -355,6 +355,100 @@ def demo(
     )
 
 
+bench_app = typer.Typer(
+    help="Benchmarks that print figures: end to end, encoder, FAISS index.",
+    no_args_is_help=True,
+)
+app.add_typer(bench_app, name="bench")
+BenchOutOpt = Annotated[Path, typer.Option("--out", help="Directory for tables, JSON and plots.")]
+DeviceOpt = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
+QuickOpt = Annotated[bool, typer.Option(help="Tiny sizes: a smoke run of a few seconds.")]
+
+
+def _floats(spec: str, option: str) -> list[float]:
+    try:
+        values = [float(v) for v in spec.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"{option} must be comma-separated numbers: {spec!r}") from None
+    if not values or any(v < 0 for v in values):
+        raise ConfigError(f"{option} must be comma-separated numbers >= 0: {spec!r}")
+    return values
+
+
+@bench_app.command("e2e")
+def bench_e2e(
+    dataset: Annotated[
+        list[str] | None, typer.Option(help="taobao and/or ml-1m (repeat); default both.")
+    ] = None,
+    data_root: Annotated[Path, typer.Option(help="Folder of the shared datasets.")] = Path(
+        "../shared/data"
+    ),
+    events: Annotated[int, typer.Option(min=1, help="Events per unthrottled replay.")] = 100_000,
+    rates: Annotated[
+        str, typer.Option(help="Offered loads in events/s, comma-separated; 0: unthrottled.")
+    ] = "500,2000,8000,0",
+    rated_seconds: Annotated[
+        float, typer.Option(min=1, help="Length of each throttled replay.")
+    ] = 20.0,
+    bootstrap: Annotated[
+        str | None, typer.Option(help="Use this broker instead of starting a local one.")
+    ] = None,
+    database_url: Annotated[
+        str | None, typer.Option(help="State database (default: a fresh SQLite file per load).")
+    ] = None,
+    out: BenchOutOpt = Path("bench-out/e2e"),
+) -> None:
+    """Replay real events through a broker into one worker; throughput, latency, stages."""
+    from stream_worker.bench.e2e import DATASETS, run_e2e
+
+    load_settings()
+    dataset = dataset or list(DATASETS)
+    unknown = sorted(set(dataset) - set(DATASETS))
+    if unknown:
+        raise ConfigError(f"unknown dataset {unknown[0]!r}; choose from {', '.join(DATASETS)}")
+    report = run_e2e(
+        datasets=dataset,
+        data_root=data_root,
+        events=events,
+        rates=_floats(rates, "--rates"),
+        out_dir=out,
+        bootstrap=bootstrap,
+        database_url=database_url,
+        rated_seconds=rated_seconds,
+    )
+    typer.echo(report)
+
+
+@bench_app.command("encoder")
+def bench_encoder(
+    out: BenchOutOpt = Path("bench-out/encoder"),
+    device: DeviceOpt = "auto",
+    quick: QuickOpt = False,
+) -> None:
+    """TorchScript encoder latency and throughput, batch 1-1024, max length 50 and 200."""
+    from stream_worker.bench.micro import run_encoder
+
+    load_settings()
+    typer.echo(run_encoder(out, device, quick))
+
+
+@bench_app.command("index")
+def bench_index(
+    out: BenchOutOpt = Path("bench-out/index"),
+    device: DeviceOpt = "auto",
+    quick: QuickOpt = False,
+    sizes: Annotated[str, typer.Option(help="Catalogue sizes, comma-separated.")] = (
+        "10000,100000,1000000"
+    ),
+) -> None:
+    """FAISS exact versus IVF and HNSW: QPS and recall@10 at several catalogue sizes."""
+    from stream_worker.bench.micro import run_index
+
+    load_settings()
+    sizes_list = tuple(int(v) for v in _floats(sizes, "--sizes"))
+    typer.echo(run_index(out, device, quick, sizes_list))
+
+
 def main() -> None:
     try:
         app()

@@ -57,6 +57,27 @@ def popular_unseen(popularity: Sequence[str], seen: set[str], k: int) -> Ranked:
     return out
 
 
+def length_buckets(lengths: Sequence[int], ratio: float = 2.0) -> list[list[int]]:
+    """Row indices grouped so that, within a group, the longest sequence is at most
+    ``ratio`` times the shortest: each group is padded to its own longest, so short
+    histories are not padded to the batch's longest (attention cost grows with L²)."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    groups: list[list[int]] = []
+    for i in order:
+        if groups and lengths[i] <= ratio * max(1, lengths[groups[-1][0]]):
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+def search_depth(k: int, seen: int, first_pass: int = 32) -> int:
+    """Results to ask for so that, usually, ``k`` survive dropping seen items: a user's
+    seen items rarely all rank on top, so the first pass asks for at most ``k +
+    first_pass``; rows that come out short are searched again at full depth."""
+    return k + min(seen, first_pass)
+
+
 @dataclass
 class StageTimes:
     encode_ms: float = 0.0
@@ -95,9 +116,14 @@ class Recommender:
 
     @torch.inference_mode()
     def user_vectors(self, histories: Sequence[Sequence[int]]) -> npt.NDArray[np.float32]:
-        batch = torch.from_numpy(pad_left(histories, self.loaded.max_len)).to(self.device)
-        vectors: torch.Tensor = self.loaded.encoder(batch)
-        return vectors.float().cpu().numpy()
+        max_len = self.loaded.max_len
+        lengths = [min(len(h), max_len) for h in histories]
+        out = np.empty((len(histories), self.loaded.item_embeddings.shape[1]), dtype=np.float32)
+        for rows in length_buckets(lengths):
+            padded = pad_left([histories[i] for i in rows], max_len)
+            vectors: torch.Tensor = self.loaded.encoder(torch.from_numpy(padded).to(self.device))
+            out[rows] = vectors.float().cpu().numpy()
+        return out
 
     def recommend(
         self, sequences: Mapping[str, Sequence[str]], k: int, times: StageTimes | None = None
@@ -118,15 +144,25 @@ class Recommender:
         started = time.perf_counter()
         vectors = self.user_vectors(histories)
         encoded = time.perf_counter()
-        # Ask for enough extra results to survive dropping the user's seen items.
         seen_sets = [set(h) for h in histories]
-        depth = k + max(len(s) for s in seen_sets)
-        scores, ids = search(self.index, vectors, depth)
-        searched = time.perf_counter()
+        scores, ids = search(self.index, vectors, search_depth(k, max(map(len, seen_sets))))
+        short = []
         for row, user in enumerate(known_users):
-            out[user] = top_k_unseen(
+            ranked = top_k_unseen(
                 ids[row].tolist(), scores[row].tolist(), seen_sets[row], self.loaded.item_ids, k
             )
+            out[user] = ranked
+            if len(ranked) < k and len(seen_sets[row]) > ids.shape[1] - k:
+                short.append(row)
+        if short:  # the rare users whose seen items crowded out the first pass
+            scores, ids = search(
+                self.index, vectors[short], k + max(len(seen_sets[r]) for r in short)
+            )
+            for n, row in enumerate(short):
+                out[known_users[row]] = top_k_unseen(
+                    ids[n].tolist(), scores[n].tolist(), seen_sets[row], self.loaded.item_ids, k
+                )
+        searched = time.perf_counter()
         if times is not None:
             times.encode_ms += (encoded - started) * 1000
             times.search_ms += (searched - encoded) * 1000

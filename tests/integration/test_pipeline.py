@@ -4,12 +4,13 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from stream_worker.events import event_value
 from stream_worker.metrics import WorkerMetrics
 from stream_worker.pipeline import BatchProcessor, RawRecord
-from stream_worker.recommender import VersionWatcher
+from stream_worker.recommender import Recommender, VersionWatcher, length_buckets, search_depth
 from stream_worker.settings import Settings
 from stream_worker.store import load_sequences, make_engine, run_migrations
 from tests.integration.worker_harness import TinyModel, publish_tiny_model
@@ -100,3 +101,29 @@ def test_bad_records_become_dead_letters_and_good_ones_still_flow(
     assert json.loads(out.dead_letters[0][1])["reason"] == "not_json"
     assert len(out.recommendations) == 1
     assert set(out.stages_ms) == {"decode", "db", "encode", "search", "rank"}
+
+
+def test_recommender_equals_the_eager_model_for_mixed_lengths_and_crowded_rankings(
+    tiny: TinyModel,
+) -> None:
+    # Lengths from 1 to past max_len land in different padding buckets; long histories
+    # of 30+ of the 40 items make seen items crowd the first search pass (re-searched).
+    recommender = Recommender.load(tiny.root, device="cpu")
+    rng = np.random.default_rng(3)
+    items = tiny.item_ids[1:]
+    sequences = {
+        f"u{n}": [str(x) for x in rng.choice(items, size=int(length), replace=length > 35)]
+        for n, length in enumerate([1, 2, 3, 5, 9, 17, 20, 33, 36, 39, 60])
+    }
+    ranked = recommender.recommend(sequences, 5)
+    for user, sequence in sequences.items():
+        assert [item for item, _ in ranked[user]] == tiny.offline_top_k(sequence, 5), user
+
+
+def test_length_buckets_keep_every_row_once_within_the_ratio() -> None:
+    lengths = [1, 200, 3, 4, 50, 2, 8, 9, 120, 1]
+    groups = length_buckets(lengths)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    for group in groups:
+        assert max(lengths[i] for i in group) <= 2 * max(1, min(lengths[i] for i in group))
+    assert search_depth(10, 5) == 15 and search_depth(10, 500) == 42

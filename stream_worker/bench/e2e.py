@@ -1,0 +1,610 @@
+"""End-to-end benchmark: real events through a local broker into one worker process.
+
+For each offered load the run gets fresh topics and a fresh state database, starts one
+``recstream worker`` process, replays events from a real interaction log (producer and
+result collector each in their own process, so they do not share the worker's cores'
+interpreter), and measures:
+
+- sustained events/s (events answered over first send to last answer);
+- latency of every event, from the producer's send to the moment the collector
+  receives the recommendation that covers it (a user's recommendation covers all of
+  that user's events up to the ``source_event_id`` it names);
+- the worker's per-batch stage times, scraped from its ``/metrics``;
+- the worker's peak RSS.
+
+Offered load 0 means unthrottled: the events are loaded into the topic first and the
+worker drains them. In the same run a bare aiokafka consume -> decode -> produce loop
+drains the same topic, the ceiling for a Python Kafka consumer on this machine, and the
+worker/bare ratio is reported.
+"""
+
+import json
+import logging
+import multiprocessing as mp
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from stream_worker.errors import WorkerError
+
+logger = logging.getLogger(__name__)
+
+DATASETS = {
+    "taobao": "ecommerce/taobao_UserBehavior_head.csv",
+    "ml-1m": "ml-1m/ml-1m_sasrec_reconstructed.txt",
+}
+STAGES = ("decode", "db", "encode", "search", "rank", "publish", "commit")
+
+
+@dataclass
+class Replay:
+    """Events to send, in order: ``users[i]`` clicked ``items[i]`` (id ``b<i>``)."""
+
+    name: str
+    users: list[str]
+    items: list[str]
+    types: list[str]
+
+    def __len__(self) -> int:
+        return len(self.users)
+
+
+@dataclass
+class LoadResult:
+    dataset: str
+    offered: float  # events/s, 0 = unthrottled (preloaded)
+    events: int
+    answered: int
+    seconds: float
+    events_per_s: float
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    max_ms: float
+    batches: int
+    mean_batch: float
+    stage_ms: dict[str, float] = field(default_factory=dict)  # mean per batch
+    worker_peak_rss_mb: float = 0.0
+
+
+@dataclass
+class BareResult:
+    name: str
+    events: int
+    seconds: float
+    events_per_s: float
+
+
+# ---------------------------------------------------------------------------- pure logic
+
+
+def event_latencies(
+    users: Sequence[str],
+    sent_ms: npt.NDArray[np.float64],
+    answers: Sequence[tuple[int, float]],
+) -> npt.NDArray[np.float64]:
+    """Latency of every event (NaN when never answered).
+
+    ``answers`` are ``(event index, receive ms)`` in receive order; an answer for event
+    ``i`` of user ``u`` covers every earlier, not yet covered event of ``u``.
+    """
+    per_user: dict[str, list[int]] = {}
+    for i, user in enumerate(users):
+        per_user.setdefault(user, []).append(i)
+    position = {i: n for positions in per_user.values() for n, i in enumerate(positions)}
+    covered = dict.fromkeys(per_user, 0)
+    out = np.full(len(users), np.nan)
+    for index, received in answers:
+        user = users[index]
+        upto = position[index] + 1
+        for i in per_user[user][covered[user] : upto]:
+            out[i] = received - sent_ms[i]
+        covered[user] = max(covered[user], upto)
+    return out
+
+
+def stage_means(metrics_text: str) -> tuple[int, float, dict[str, float]]:
+    """Batches, mean batch size and mean ms per batch of each stage, from /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    sums: dict[str, float] = {}
+    counts: dict[str, float] = {}
+    batches, records = 0.0, 0.0
+    for family in text_string_to_metric_families(metrics_text):
+        for sample in family.samples:
+            if sample.name == "recstream_stage_ms_sum":
+                sums[sample.labels["stage"]] = sample.value
+            elif sample.name == "recstream_stage_ms_count":
+                counts[sample.labels["stage"]] = sample.value
+            elif sample.name == "recstream_batch_size_count":
+                batches = sample.value
+            elif sample.name == "recstream_batch_size_sum":
+                records = sample.value
+    means = {s: sums[s] / counts[s] for s in STAGES if counts.get(s)}
+    return int(batches), records / batches if batches else 0.0, means
+
+
+def summarise(
+    dataset: str,
+    offered: float,
+    latencies: npt.NDArray[np.float64],
+    first_send_ms: float,
+    last_answer_ms: float,
+) -> LoadResult:
+    answered = latencies[~np.isnan(latencies)]
+    seconds = max(last_answer_ms - first_send_ms, 1.0) / 1000
+    pct = np.percentile(answered, [50, 95, 99]) if len(answered) else np.full(3, np.nan)
+    return LoadResult(
+        dataset=dataset,
+        offered=offered,
+        events=len(latencies),
+        answered=len(answered),
+        seconds=round(seconds, 2),
+        events_per_s=round(len(answered) / seconds, 1),
+        p50_ms=round(float(pct[0]), 1),
+        p95_ms=round(float(pct[1]), 1),
+        p99_ms=round(float(pct[2]), 1),
+        max_ms=round(float(answered.max()), 1) if len(answered) else float("nan"),
+        batches=0,
+        mean_batch=0.0,
+    )
+
+
+# ------------------------------------------------------------------- helper processes
+
+
+def _produce(bootstrap: str, topic: str, replay: Replay, rate: float, out: str, ready: Any) -> None:
+    """Send every event (paced at ``rate`` per second, 0 = as fast as possible) and save
+    the wall-clock send time of each."""
+    from kafka import KafkaProducer
+
+    from stream_worker.events import event_value
+
+    producer = KafkaProducer(
+        bootstrap_servers=bootstrap, linger_ms=2, batch_size=256 * 1024, acks=1
+    )
+    sent = np.zeros(len(replay))
+    ready.wait()
+    start = time.perf_counter()
+    for i in range(len(replay)):
+        if rate > 0:
+            ahead = start + i / rate - time.perf_counter()
+            if ahead > 0.001:
+                time.sleep(ahead)
+        now = time.time() * 1000
+        user = replay.users[i]
+        value = event_value(f"b{i}", user, replay.items[i], replay.types[i], int(now))
+        producer.send(topic, key=user.encode(), value=value)
+        sent[i] = now
+    producer.flush()
+    producer.close()
+    np.save(out, sent)
+
+
+def _collect(
+    bootstrap: str, topics: list[str], final_events: list[int], out: str, idle_s: float
+) -> None:
+    """Record ``(event index, receive ms)`` of every recommendation and dead letter until
+    each user's last event is covered, or nothing arrived for ``idle_s``."""
+    import base64
+
+    from kafka import KafkaConsumer
+
+    pending = set(final_events)
+    consumer = KafkaConsumer(
+        *topics,
+        bootstrap_servers=bootstrap,
+        group_id=None,
+        auto_offset_reset="earliest",
+        fetch_max_wait_ms=5,
+        max_partition_fetch_bytes=4 * 1024 * 1024,
+    )
+    rows: list[tuple[int, float]] = []
+    last = time.monotonic()
+    try:
+        while pending and time.monotonic() - last < idle_s:
+            polled = consumer.poll(timeout_ms=50)
+            now = time.time() * 1000
+            for tp, records in polled.items():
+                for rec in records:
+                    doc = json.loads(rec.value)
+                    if tp.topic == topics[0]:
+                        event_id = doc["source_event_id"]
+                    else:
+                        event_id = json.loads(base64.b64decode(doc["original_b64"]))["event_id"]
+                    index = int(event_id[1:])
+                    rows.append((index, now))
+                    pending.discard(index)
+                    last = time.monotonic()
+    finally:
+        consumer.close()
+    np.save(out, np.array(rows, dtype=np.float64).reshape(-1, 2))
+
+
+def _bare_loop(bootstrap: str, source: str, sink: str, events: int, out: str) -> None:
+    """The ceiling: aiokafka getmany -> json.loads -> send, commit per batch."""
+    import asyncio
+
+    import aiokafka
+
+    async def main() -> None:
+        consumer = aiokafka.AIOKafkaConsumer(
+            source,
+            bootstrap_servers=bootstrap,
+            group_id=f"bare-{uuid.uuid4().hex[:8]}",
+            auto_offset_reset="earliest",
+            enable_auto_commit=False,
+            fetch_max_wait_ms=50,
+            max_partition_fetch_bytes=4 * 1024 * 1024,
+        )
+        producer = aiokafka.AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5, acks=-1)
+        await consumer.start()
+        await producer.start()
+        done, first = 0, 0.0
+        try:
+            while done < events:
+                fetched = await consumer.getmany(timeout_ms=100, max_records=1024)
+                if not fetched:
+                    continue
+                first = first or time.perf_counter()
+                futures = []
+                for messages in fetched.values():
+                    for m in messages:
+                        doc = json.loads(m.value)
+                        futures.append(await producer.send(sink, key=m.key, value=m.value))
+                        done += doc is not None
+                await asyncio.gather(*futures)
+                await consumer.commit()
+            np.save(out, np.array([done, time.perf_counter() - first]))
+        finally:
+            await consumer.stop()
+            await producer.stop()
+
+    asyncio.run(main())
+
+
+# ----------------------------------------------------------------------------- harness
+
+
+def load_replay(name: str, data_root: Path, limit: int) -> Replay:
+    """A dataset's events in event-time order (file order when it has no timestamps,
+    which for ML-1M is per-user order)."""
+    from model.data import load_interactions
+
+    path = data_root / DATASETS[name]
+    if not path.exists():
+        raise WorkerError(f"benchmark data {path} not found (set --data-root)")
+    ordered = load_interactions(path).in_event_time_order()[:limit]
+    return Replay(
+        name,
+        [it.user_id for it in ordered],
+        [it.item_id for it in ordered],
+        [it.event_type for it in ordered],
+    )
+
+
+def publish_bench_model(replay: Replay, root: Path, max_len: int) -> None:
+    """A production-shaped SASRec over the replay's items, untrained: speed does not
+    depend on the weights, and training on every dataset first would dominate the run."""
+    from collections import Counter
+
+    import torch
+
+    from model.artifacts import VersionContents, publish_version
+    from model.config import IndexConfig, TrainConfig
+    from model.sasrec import SASRec, script_encoder
+
+    counts = Counter(replay.items)
+    item_ids = ["<pad>", *sorted(counts)]
+    cfg = TrainConfig(max_len=max_len)
+    torch.manual_seed(0)
+    model = SASRec.from_config(len(item_ids) - 1, cfg).eval()
+    contents = VersionContents(
+        encoder=script_encoder(model),
+        item_embeddings=model.item_embeddings().detach().numpy().copy(),
+        item_ids=item_ids,
+        max_len=max_len,
+        popularity=[item for item, _ in counts.most_common(1000)],
+        info={"model": "sasrec", "note": "untrained, for speed benchmarks only"},
+    )
+    publish_version(root, contents, IndexConfig())
+
+
+@dataclass
+class Bench:
+    bootstrap: str
+    workdir: Path
+    artifacts: Path
+    partitions: int = 12
+    worker_env: dict[str, str] = field(default_factory=dict)
+    database_url: str | None = None
+    idle_s: float = 30.0
+
+    def _topics(self, tag: str) -> dict[str, str]:
+        from stream_worker.broker import ensure_topics
+
+        run = uuid.uuid4().hex[:6]
+        names = {k: f"bench-{tag}-{run}-{k}" for k in ("events", "recs", "dlq", "bare")}
+        ensure_topics(self.bootstrap, dict.fromkeys(names.values(), self.partitions))
+        return names
+
+    def _database(self, tag: str) -> str:
+        from stream_worker.store import run_migrations
+
+        url = self.database_url or f"sqlite:///{self.workdir / f'{tag}.db'}"
+        if self.database_url is None:
+            Path(url.removeprefix("sqlite:///")).unlink(missing_ok=True)
+        run_migrations(url)
+        return url
+
+    def _start_worker(self, topics: dict[str, str], url: str, tag: str) -> tuple[Any, int]:
+        from stream_worker.broker import free_port
+
+        port = free_port()
+        env = {
+            **os.environ,
+            "RECSTREAM_KAFKA__BOOTSTRAP_SERVERS": self.bootstrap,
+            "RECSTREAM_DATABASE__URL": url,
+            "RECSTREAM_ARTIFACTS__ROOT": str(self.artifacts),
+            "RECSTREAM_TOPICS__EVENTS": topics["events"],
+            "RECSTREAM_TOPICS__RECOMMENDATIONS": topics["recs"],
+            "RECSTREAM_TOPICS__DEAD_LETTER": topics["dlq"],
+            "RECSTREAM_TOPICS__PARTITIONS": str(self.partitions),
+            "RECSTREAM_WORKER__GROUP_ID": f"bench-{uuid.uuid4().hex[:8]}",
+            "RECSTREAM_WORKER__WEB_PORT": str(port),
+            "RECSTREAM_WORKER__DATA_DIR": str(self.workdir / f"worker-{tag}"),
+            **self.worker_env,
+        }
+        log = (self.workdir / f"worker-{tag}.log").open("w")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "stream_worker.cli", "worker"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 120
+        path = self.workdir / f"worker-{tag}.log"
+        while "partitions assigned" not in path.read_text(errors="replace"):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise WorkerError(f"the worker did not start; see {path}")
+            time.sleep(0.2)
+        return proc, port
+
+    def run_load(self, replay: Replay, rate: float) -> LoadResult:
+        """One offered load: fresh topics and state, one worker, every event answered."""
+        ctx = mp.get_context("spawn")
+        tag = f"{replay.name}-{int(rate) if rate else 'max'}"
+        topics = self._topics(tag)
+        url = self._database(tag)
+        files = {k: str(self.workdir / f"{tag}-{k}.npy") for k in ("sent", "answers")}
+        last_of_user: dict[str, int] = {u: i for i, u in enumerate(replay.users)}
+        go = ctx.Event()
+        producer = ctx.Process(
+            target=_produce,
+            args=(self.bootstrap, topics["events"], replay, rate, files["sent"], go),
+        )
+        collector = ctx.Process(
+            target=_collect,
+            args=(
+                self.bootstrap,
+                [topics["recs"], topics["dlq"]],
+                sorted(last_of_user.values()),
+                files["answers"],
+                self.idle_s,
+            ),
+        )
+        producer.start()
+        if rate == 0:  # preload, then let the worker drain the backlog
+            go.set()
+            producer.join()
+        worker, port = self._start_worker(topics, url, tag)
+        try:
+            collector.start()
+            go.set()
+            producer.join()
+            collector.join()
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+                metrics_text = resp.read().decode()
+            peak_rss = _peak_rss_mb(worker.pid)
+        finally:
+            worker.send_signal(signal.SIGTERM)
+            try:
+                worker.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+        sent = np.load(files["sent"])
+        answers = np.load(files["answers"])
+        pairs = [(int(i), float(t)) for i, t in answers]
+        latencies = event_latencies(replay.users, sent, pairs)
+        first = float(sent.min()) if rate else float(answers[:, 1].min()) if len(answers) else 0
+        last = float(answers[:, 1].max()) if len(answers) else first
+        result = summarise(replay.name, rate, latencies, first, last)
+        result.batches, result.mean_batch, result.stage_ms = stage_means(metrics_text)
+        result.worker_peak_rss_mb = peak_rss
+        np.save(self.workdir / f"{tag}-latency.npy", latencies)
+        if self.database_url is None:
+            Path(url.removeprefix("sqlite:///")).unlink(missing_ok=True)
+        return result
+
+    def run_bare(self, replay: Replay) -> BareResult:
+        """Preload the replay, then drain it with the bare loop in its own process."""
+        ctx = mp.get_context("spawn")
+        topics = self._topics(f"{replay.name}-bare")
+        sent = str(self.workdir / f"{replay.name}-bare-sent.npy")
+        out = str(self.workdir / f"{replay.name}-bare.npy")
+        go = ctx.Event()
+        go.set()
+        producer = ctx.Process(
+            target=_produce, args=(self.bootstrap, topics["events"], replay, 0.0, sent, go)
+        )
+        producer.start()
+        producer.join()
+        loop = ctx.Process(
+            target=_bare_loop,
+            args=(self.bootstrap, topics["events"], topics["bare"], len(replay), out),
+        )
+        loop.start()
+        loop.join()
+        done, seconds = np.load(out)
+        return BareResult(
+            f"bare aiokafka loop ({replay.name})", int(done), round(float(seconds), 2),
+            round(float(done / seconds), 1),
+        )  # fmt: skip
+
+
+def _peak_rss_mb(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return float("nan")
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def format_loads(results: Sequence[LoadResult], bare: Sequence[BareResult]) -> str:
+    ceiling = {b.name.split("(")[-1].rstrip(")"): b.events_per_s for b in bare}
+    lines = [
+        "| dataset | offered ev/s | events | sustained ev/s | vs bare | p50 ms | p95 ms "
+        "| p99 ms | batches | mean batch | worker peak RSS MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        ratio = r.events_per_s / ceiling[r.dataset] if r.dataset in ceiling else float("nan")
+        offered = "unthrottled" if r.offered == 0 else f"{r.offered:,.0f}"
+        lines.append(
+            f"| {r.dataset} | {offered} | {r.answered:,}/{r.events:,} | {r.events_per_s:,.0f} "
+            f"| {ratio:.0%} | {r.p50_ms:.1f} | {r.p95_ms:.1f} | {r.p99_ms:.1f} | {r.batches:,} "
+            f"| {r.mean_batch:.0f} | {r.worker_peak_rss_mb:,.0f} |"
+        )
+    lines += ["", "| ceiling | events | seconds | ev/s |", "|---|---|---|---|"]
+    lines += [f"| {b.name} | {b.events:,} | {b.seconds} | {b.events_per_s:,.0f} |" for b in bare]
+    return "\n".join(lines)
+
+
+def format_stages(results: Sequence[LoadResult]) -> str:
+    lines = [
+        "| dataset | offered ev/s | " + " | ".join(STAGES) + " | total ms/batch |",
+        "|---|---|" + "---|" * (len(STAGES) + 1),
+    ]
+    for r in results:
+        total = sum(r.stage_ms.values())
+        cells = [
+            f"{r.stage_ms.get(s, 0.0):.2f} ({r.stage_ms.get(s, 0.0) / total:.0%})" if total else "-"
+            for s in STAGES
+        ]
+        offered = "unthrottled" if r.offered == 0 else f"{r.offered:,.0f}"
+        lines.append(f"| {r.dataset} | {offered} | " + " | ".join(cells) + f" | {total:.2f} |")
+    return "\n".join(lines)
+
+
+def plot_latency(results: Sequence[LoadResult], workdir: Path, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    bins = np.logspace(0, 5, 80).tolist()
+    for r in results:
+        tag = f"{r.dataset}-{int(r.offered) if r.offered else 'max'}"
+        lat = np.load(workdir / f"{tag}-latency.npy")
+        lat = lat[~np.isnan(lat)]
+        offered = "unthrottled" if r.offered == 0 else f"{r.offered:,.0f}/s"
+        ax.hist(
+            np.clip(lat, 1, None), bins=bins, histtype="step", linewidth=1.4,
+            label=f"{r.dataset} {offered} (p99 {r.p99_ms:.0f} ms)",
+        )  # fmt: skip
+    ax.set_xscale("log")
+    ax.set_xlabel("event -> recommendation latency (ms)")
+    ax.set_ylabel("events")
+    ax.set_title("recstream end-to-end latency, one worker process")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run_e2e(
+    *,
+    datasets: Sequence[str],
+    data_root: Path,
+    events: int,
+    rates: Sequence[float],
+    out_dir: Path,
+    bootstrap: str | None = None,
+    database_url: str | None = None,
+    worker_env: dict[str, str] | None = None,
+    max_len: int = 200,
+    rated_seconds: float = 20.0,
+) -> str:
+    """Run every dataset at every offered load; write JSON, PNG and markdown; return it.
+
+    A throttled load replays ``min(events, rate * rated_seconds)`` events, so the slow
+    rates do not take minutes; unthrottled loads and the bare loop replay ``events``.
+    """
+    from stream_worker.broker import LocalBroker
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    work = out_dir / "work"
+    work.mkdir(exist_ok=True)
+    results: list[LoadResult] = []
+    bare: list[BareResult] = []
+    with LocalBroker(log_dir=work) if bootstrap is None else _External(bootstrap) as broker:
+        for name in datasets:
+            replay = load_replay(name, data_root, events)
+            artifacts = work / f"artifacts-{name}"
+            if not artifacts.exists():
+                publish_bench_model(replay, artifacts, max_len)
+            bench = Bench(
+                broker.bootstrap_servers, work, artifacts,
+                worker_env=worker_env or {}, database_url=database_url,
+            )  # fmt: skip
+            logger.info("%s: %d events, %d users", name, len(replay), len(set(replay.users)))
+            bare.append(bench.run_bare(replay))
+            logger.info("%s", bare[-1])
+            for rate in rates:
+                limit = len(replay) if rate == 0 else min(len(replay), int(rate * rated_seconds))
+                sliced = Replay(
+                    name, replay.users[:limit], replay.items[:limit], replay.types[:limit]
+                )
+                results.append(bench.run_load(sliced, rate))
+                logger.info("%s", results[-1])
+    plot_latency(results, work, out_dir / "latency_histogram.png")
+    (out_dir / "e2e.json").write_text(
+        json.dumps(
+            {"loads": [asdict(r) for r in results], "bare": [asdict(b) for b in bare]}, indent=2
+        )
+    )
+    report = format_loads(results, bare) + "\n\nMean ms per batch by stage (share):\n\n"
+    report += format_stages(results)
+    (out_dir / "e2e.md").write_text(report + "\n")
+    return report
+
+
+class _External:
+    """A broker the caller runs, with LocalBroker's context-manager shape."""
+
+    def __init__(self, bootstrap: str) -> None:
+        self.bootstrap_servers = bootstrap
+
+    def __enter__(self) -> "_External":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
