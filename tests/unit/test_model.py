@@ -47,6 +47,14 @@ def test_padding_does_not_change_the_user_vector() -> None:
         assert torch.allclose(model.encode(seq), model.encode(padded), atol=1e-5)
 
 
+@pytest.mark.parametrize("heads", [1, 2])
+def test_encode_computes_only_the_newest_position_with_the_same_result(heads: int) -> None:
+    model = SASRec(num_items=50, max_len=12, dim=16, blocks=2, heads=heads, dropout=0.0).eval()
+    seqs = torch.from_numpy(pad_left(random_sequences(16, 50, 12), 12))
+    with torch.no_grad():
+        assert torch.allclose(model.encode(seqs), model(seqs)[:, -1, :], atol=1e-5)
+
+
 def test_causal_future_items_do_not_leak_into_earlier_positions() -> None:
     model = tiny_model()
     a = torch.tensor([[0, 1, 2, 3, 4]])
