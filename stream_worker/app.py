@@ -57,10 +57,11 @@ class _Rebalance(aiokafka.ConsumerRebalanceListener):  # type: ignore[misc]  # u
         self.in_flight = owner.in_flight
 
     async def on_partitions_revoked(self, revoked: Iterable[Any]) -> None:
-        # The batch in flight finishes, publishes and commits before the partitions
-        # move, so the next owner starts after it (the database skips any overlap).
+        # The batch in flight finishes, and everything processed is acknowledged and
+        # committed before the partitions move (the database skips any overlap).
         async with self.in_flight:
-            pass
+            if self.owner.consumer is not None:
+                await self.owner._commit(self.owner.consumer)
 
     async def on_partitions_assigned(self, assigned: Iterable[Any]) -> None:
         assigned = list(assigned)
@@ -93,6 +94,9 @@ class BatchConsumer(mode.Service):
         self.partitioner = DefaultPartitioner()
         self.batches = 0
         self.records = 0
+        self._unacked: list[asyncio.Future[Any]] = []
+        self._to_commit: dict[Any, int] = {}
+        self._last_commit = time.monotonic()
 
     async def on_start(self) -> None:
         kafka, worker = self.settings.kafka, self.settings.worker
@@ -122,11 +126,13 @@ class BatchConsumer(mode.Service):
         await self.consumer.start()
 
     async def resume_from_database(self, assigned: list[Any]) -> None:
-        """Start each partition right after the last offset applied to the database.
+        """Re-read from the database's offset where it is behind the committed one.
 
-        The offsets stored with the state are the truth; Kafka's committed offsets only
-        save work. This also covers a database that lost its newest commits (SQLite's
-        WAL without a sync per commit, after a power cut): those events are read again.
+        Offsets are committed only after the outputs are acknowledged, so normally the
+        committed offset is at or before the stored one, and re-read events are
+        answered from stored state without being applied again. A database that lost
+        its newest commits (SQLite's WAL without a sync per commit, after a power cut)
+        is behind instead: those events are read and applied again.
         """
         if not assigned or self.consumer is None:
             return
@@ -140,13 +146,21 @@ class BatchConsumer(mode.Service):
             logger.warning("could not read stored offsets (%s); using committed offsets", exc)
             return
         for tp in assigned:
-            if tp.partition in stored:
-                self.consumer.seek(tp, stored[tp.partition] + 1)
+            committed = await self.consumer.committed(tp)
+            position = stored.get(tp.partition)
+            if position is not None and committed is not None and position + 1 < committed:
+                logger.warning(
+                    "partition %d: database at offset %d, behind the committed %d; "
+                    "re-reading from the database's position",
+                    tp.partition, position, committed,
+                )  # fmt: skip
+                self.consumer.seek(tp, position + 1)
 
     async def on_stop(self) -> None:
         # Let the batch in flight publish and commit, then leave the group.
         async with self.in_flight:
             if self.consumer is not None:
+                await self._commit(self.consumer)
                 await self.consumer.stop()
                 self.consumer = None
             if self.producer is not None:
@@ -163,14 +177,16 @@ class BatchConsumer(mode.Service):
             fetched = await consumer.getmany(
                 timeout_ms=max(worker.batch_max_wait_ms, 1), max_records=worker.batch_size
             )
-            if not fetched:
-                continue
             async with self.in_flight:
                 if self.consumer is None:
                     return
-                await self._handle(consumer, fetched)
+                if fetched:
+                    await self._handle(fetched)
+                due = time.monotonic() - self._last_commit >= worker.commit_interval_s
+                if self._to_commit and (due or not fetched):
+                    await self._commit(consumer)
 
-    async def _handle(self, consumer: aiokafka.AIOKafkaConsumer, fetched: dict[Any, Any]) -> None:
+    async def _handle(self, fetched: dict[Any, Any]) -> None:
         records = [
             RawRecord(m.key, m.value, m.partition, m.offset)
             for messages in fetched.values()
@@ -186,23 +202,34 @@ class BatchConsumer(mode.Service):
             raise
         started = time.perf_counter()
         topics = self.settings.topics
-        pending = await self._send(topics.dead_letter, output.dead_letters)
-        pending += await self._send(topics.recommendations, output.recommendations)
-        # Published means acknowledged by the broker; only then may offsets move.
-        await asyncio.gather(*pending)
-        published = time.perf_counter()
-        try:
-            await consumer.commit({tp: messages[-1].offset + 1 for tp, messages in fetched.items()})
-        except KafkaError as exc:
-            # Safe to go on: offsets live with the state in the database, so whatever
-            # is read again is recognised and not applied twice.
-            logger.warning("offset commit failed (%s); a later commit covers it", exc)
-        self.metrics.stage_ms.labels("publish").observe((published - started) * 1000)
-        self.metrics.stage_ms.labels("commit").observe((time.perf_counter() - published) * 1000)
+        # Acknowledgements are awaited before the next commit, not here: the next batch
+        # is processed while the broker replicates this one's outputs.
+        self._unacked += await self._send(topics.dead_letter, output.dead_letters)
+        self._unacked += await self._send(topics.recommendations, output.recommendations)
+        self._to_commit.update({tp: messages[-1].offset + 1 for tp, messages in fetched.items()})
+        self.metrics.stage_ms.labels("publish").observe((time.perf_counter() - started) * 1000)
         self.metrics.last_batch_ts.set_to_current_time()
         self.batches += 1
         self.records += len(records)
         logger.debug("batch done: %s", describe_positions(records))
+
+    async def _commit(self, consumer: aiokafka.AIOKafkaConsumer) -> None:
+        """Wait until every output sent so far is acknowledged, then commit the offsets
+        of the batches that produced them. A failed send raises: the worker stops
+        without committing, and the batch is read again after the restart."""
+        started = time.perf_counter()
+        await asyncio.gather(*self._unacked)
+        self._unacked.clear()
+        offsets, self._to_commit = self._to_commit, {}
+        self._last_commit = time.monotonic()
+        if offsets:
+            try:
+                await consumer.commit(offsets)
+            except KafkaError as exc:
+                # Safe to go on: re-read events are recognised by the offsets stored
+                # with the state, answered, and not applied twice.
+                logger.warning("offset commit failed (%s); a later commit covers it", exc)
+        self.metrics.stage_ms.labels("commit").observe((time.perf_counter() - started) * 1000)
 
     async def _send(
         self, topic: str, records: Sequence[tuple[bytes | None, bytes]]

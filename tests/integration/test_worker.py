@@ -2,6 +2,7 @@
 
 import base64
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -197,6 +198,43 @@ def test_redelivered_offsets_are_not_applied_twice(
     for user in users:
         assert first[user] == [item for _, u, item in events if u == user]
     assert applied_events(engine) == len(events)
+
+
+def test_a_database_behind_the_committed_offsets_is_caught_up_from_kafka(
+    broker: LocalBroker, tiny: TinyModel, tmp_path: Path
+) -> None:
+    """A state database restored to an older copy (or SQLite losing its newest commits
+    in a power cut) is behind the group's committed offsets: the worker re-reads from
+    the database's own positions, so those events are applied, exactly once."""
+    db_path = tmp_path / "state.db"
+    db_url = f"sqlite:///{db_path}"
+    run_migrations(db_url)
+    topics = new_topics()
+    bootstrap = broker.bootstrap_servers
+    env = worker_env(bootstrap, db_url, tiny.root, topics, tmp_path)
+    engine = make_engine(db_url)
+    first = list(walk_events("behind-a", users=3, length=4))
+    second = list(walk_events("behind-b", users=3, length=5))
+
+    def run(events: list[tuple[str, str, str]], expected: int, name: str) -> None:
+        proc = WorkerProcess(env, tmp_path / f"{name}.log").start()
+        if events:
+            send(bootstrap, topics["events"], events)
+        assert wait_until_applied(engine, expected, timeout=60) == expected
+        assert proc.stop() == 0  # commits the offsets on the way out
+
+    run(first, len(first), "first")
+    engine.dispose()
+    shutil.copy(db_path, tmp_path / "older.db")
+    run(second, len(first) + len(second), "second")
+    engine.dispose()
+    shutil.copy(tmp_path / "older.db", db_path)  # the database loses the second run
+    run([], len(first) + len(second), "third")
+    assert "behind the committed" in (tmp_path / "third.log").read_text()
+    users = sorted({u for _, u, _ in first + second})
+    state = load_sequences(engine, users)
+    for user in users:
+        assert state[user] == [item for _, u, item in first + second if u == user]
 
 
 def test_swap_under_steady_traffic_loses_no_event_and_refuses_broken_versions(
