@@ -26,12 +26,41 @@ class KafkaSettings(BaseModel):
     ssl_password: SecretStr | None = None
 
     @model_validator(mode="after")
-    def _sasl_complete(self) -> "KafkaSettings":
-        if self.security_protocol.startswith("SASL") and not (
-            self.sasl_mechanism and self.sasl_username and self.sasl_password
-        ):
+    def _consistent(self) -> "KafkaSettings":
+        # Security settings the chosen protocol would silently ignore are refused: an
+        # operator who sets a CA file or SASL credentials expects them to be used.
+        protocol = self.security_protocol
+        sasl = {
+            "sasl_mechanism": self.sasl_mechanism,
+            "sasl_username": self.sasl_username,
+            "sasl_password": self.sasl_password,
+        }
+        tls = {
+            "ssl_cafile": self.ssl_cafile,
+            "ssl_certfile": self.ssl_certfile,
+            "ssl_keyfile": self.ssl_keyfile,
+            "ssl_password": self.ssl_password,
+        }
+        if protocol.startswith("SASL") and not all(sasl.values()):
             raise ValueError(
                 "SASL needs kafka.sasl_mechanism, kafka.sasl_username and kafka.sasl_password"
+            )
+        unused = [name for name, value in sasl.items() if value is not None]
+        if not protocol.startswith("SASL") and unused:
+            raise ValueError(
+                f"kafka.{unused[0]} is set but kafka.security_protocol is {protocol}, which "
+                "does not use it: choose SASL_SSL (or SASL_PLAINTEXT) or unset it"
+            )
+        unused = [name for name, value in tls.items() if value is not None]
+        if "SSL" not in protocol and unused:
+            raise ValueError(
+                f"kafka.{unused[0]} is set but kafka.security_protocol is {protocol}, which "
+                "does not use TLS: choose SSL or SASL_SSL, or unset it"
+            )
+        if (self.ssl_keyfile or self.ssl_password) and not self.ssl_certfile:
+            raise ValueError(
+                "kafka.ssl_keyfile and kafka.ssl_password belong to a client certificate: "
+                "set kafka.ssl_certfile too"
             )
         return self
 
@@ -78,8 +107,14 @@ class RetrainSettings(BaseModel):
 
 class WorkerSettings(BaseModel):
     group_id: str = "recstream"
-    batch_size: int = Field(256, ge=1, description="Most events in one micro-batch.")
+    batch_size: int = Field(1024, ge=1, description="Most events in one micro-batch.")
     batch_max_wait_ms: int = Field(20, ge=0, description="Longest wait to fill a micro-batch.")
+    commit_interval_s: float = Field(
+        1.0,
+        ge=0,
+        description="Most seconds between offset commits under load (also on idle, "
+        "rebalance and stop); offsets stored with the state make a late commit harmless.",
+    )
     top_k: int = Field(10, ge=1, le=1000)
     history_length: int = Field(
         200,
