@@ -51,6 +51,34 @@ def describe_positions(records: list[RawRecord]) -> str:
     return ", ".join(f"partition={p} offsets={a}..{b}" for p, (a, b) in sorted(spans.items()))
 
 
+async def send_batches(
+    producer: aiokafka.AIOKafkaProducer,
+    topic: str,
+    records: Sequence[tuple[bytes | None, bytes]],
+    partitioner: DefaultPartitioner,
+) -> list["asyncio.Future[Any]"]:
+    """Send ``records`` as one record batch per partition (a per-record ``send`` costs
+    ~50 µs of Python each); keys pick partitions as Kafka's default partitioner does.
+    Returns the futures of the broker's acknowledgements."""
+    if not records:
+        return []
+    partitions = sorted(await producer.partitions_for(topic))
+    grouped: dict[int, list[tuple[bytes | None, bytes]]] = {}
+    for key, value in records:
+        partition = partitioner(key, partitions, partitions)  # None key: random
+        grouped.setdefault(partition, []).append((key, value))
+    futures = []
+    for partition, rows in grouped.items():
+        batch = producer.create_batch()
+        for key, value in rows:
+            if batch.append(key=key, value=value, timestamp=None) is None:  # full
+                futures.append(await producer.send_batch(batch, topic, partition=partition))
+                batch = producer.create_batch()
+                batch.append(key=key, value=value, timestamp=None)
+        futures.append(await producer.send_batch(batch, topic, partition=partition))
+    return futures
+
+
 class _Rebalance(aiokafka.ConsumerRebalanceListener):  # type: ignore[misc]  # untyped base
     def __init__(self, owner: "BatchConsumer") -> None:
         self.owner = owner
@@ -97,6 +125,7 @@ class BatchConsumer(mode.Service):
         self._unacked: list[asyncio.Future[Any]] = []
         self._to_commit: dict[Any, int] = {}
         self._last_commit = time.monotonic()
+        self._committing: asyncio.Future[None] | None = None
 
     async def on_start(self) -> None:
         kafka, worker = self.settings.kafka, self.settings.worker
@@ -184,7 +213,7 @@ class BatchConsumer(mode.Service):
                     await self._handle(fetched)
                 due = time.monotonic() - self._last_commit >= worker.commit_interval_s
                 if self._to_commit and (due or not fetched):
-                    await self._commit(consumer)
+                    self._commit_in_background(consumer)
 
     async def _handle(self, fetched: dict[Any, Any]) -> None:
         records = [
@@ -213,15 +242,33 @@ class BatchConsumer(mode.Service):
         self.records += len(records)
         logger.debug("batch done: %s", describe_positions(records))
 
+    def _commit_in_background(self, consumer: aiokafka.AIOKafkaConsumer) -> None:
+        """Commit without holding up the next batch; one commit at a time, in order."""
+        if self._committing is None or self._committing.done():
+            self._committing = asyncio.ensure_future(self._commit_or_crash(consumer))
+
+    async def _commit_or_crash(self, consumer: aiokafka.AIOKafkaConsumer) -> None:
+        try:
+            await self._flush_and_commit(consumer)
+        except Exception as exc:  # a send the broker refused: stop without committing
+            logger.exception("publishing failed; stopping without committing")
+            await self.crash(exc)
+
     async def _commit(self, consumer: aiokafka.AIOKafkaConsumer) -> None:
+        """Commit now (rebalance, stop), after any commit under way: commits stay in order."""
+        if self._committing is not None and not self._committing.done():
+            await asyncio.shield(self._committing)
+        await self._flush_and_commit(consumer)
+
+    async def _flush_and_commit(self, consumer: aiokafka.AIOKafkaConsumer) -> None:
         """Wait until every output sent so far is acknowledged, then commit the offsets
         of the batches that produced them. A failed send raises: the worker stops
         without committing, and the batch is read again after the restart."""
         started = time.perf_counter()
-        await asyncio.gather(*self._unacked)
-        self._unacked.clear()
+        unacked, self._unacked = self._unacked, []
         offsets, self._to_commit = self._to_commit, {}
         self._last_commit = time.monotonic()
+        await asyncio.gather(*unacked)
         if offsets:
             try:
                 await consumer.commit(offsets)
@@ -234,29 +281,8 @@ class BatchConsumer(mode.Service):
     async def _send(
         self, topic: str, records: Sequence[tuple[bytes | None, bytes]]
     ) -> list["asyncio.Future[Any]"]:
-        """Send ``records`` as one record batch per partition (a per-record ``send``
-        costs ~50 µs of Python each); keys pick partitions as Kafka's default
-        partitioner does. Returns the futures of the broker's acknowledgements."""
-        if not records:
-            return []
         assert self.producer is not None
-        partitions = sorted(await self.producer.partitions_for(topic))
-        grouped: dict[int, list[tuple[bytes | None, bytes]]] = {}
-        for key, value in records:
-            partition = self.partitioner(key, partitions, partitions)  # None key: random
-            grouped.setdefault(partition, []).append((key, value))
-        futures = []
-        for partition, rows in grouped.items():
-            batch = self.producer.create_batch()
-            for key, value in rows:
-                if batch.append(key=key, value=value, timestamp=None) is None:
-                    futures.append(
-                        await self.producer.send_batch(batch, topic, partition=partition)
-                    )
-                    batch = self.producer.create_batch()
-                    batch.append(key=key, value=value, timestamp=None)
-            futures.append(await self.producer.send_batch(batch, topic, partition=partition))
-        return futures
+        return await send_batches(self.producer, topic, records, self.partitioner)
 
 
 class _Boot(BootStrategy):
