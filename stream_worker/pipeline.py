@@ -1,8 +1,8 @@
 """One micro-batch, start to finish, as plain synchronous code.
 
 decode -> (dead letters) -> one DB transaction -> encode + search -> output records.
-The faust agent runs :meth:`BatchProcessor.process` on its own worker thread and only
-publishes what it returns, so this module knows nothing of Kafka clients.
+The worker's batch consumer runs :meth:`BatchProcessor.process` on its own thread and
+only publishes what it returns, so this module knows nothing of Kafka clients.
 """
 
 import logging
