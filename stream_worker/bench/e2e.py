@@ -377,15 +377,15 @@ class Bench:
             "RECSTREAM_WORKER__DATA_DIR": str(self.workdir / f"worker-{tag}"),
             **self.worker_env,
         }
-        log = (self.workdir / f"worker-{tag}.log").open("w")
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "stream_worker.cli", "worker"],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        deadline = time.monotonic() + 120
         path = self.workdir / f"worker-{tag}.log"
+        with path.open("w") as log:  # the child keeps its own descriptor
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "stream_worker.cli", "worker"],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + 120
         while "partitions assigned" not in path.read_text(errors="replace"):
             if proc.poll() is not None or time.monotonic() > deadline:
                 proc.kill()

@@ -1,0 +1,54 @@
+"""Pure parts of the end-to-end benchmark: latency attribution, metrics, tables."""
+
+import math
+
+import numpy as np
+
+from stream_worker.bench.e2e import (
+    BareResult,
+    LoadResult,
+    event_latencies,
+    format_loads,
+    format_stages,
+    stage_means,
+    summarise,
+)
+from stream_worker.metrics import WorkerMetrics
+
+
+def test_an_answer_covers_the_users_earlier_events_and_no_one_elses() -> None:
+    users = ["a", "b", "a", "a", "b"]
+    sent = np.array([0.0, 1.0, 2.0, 3.0, 4.0])
+    # "a" is answered once for event 2 (covering 0 and 2), then for event 3; "b" only
+    # for event 1, so its event 4 stays unanswered.
+    latencies = event_latencies(users, sent, [(2, 10.0), (1, 11.0), (3, 20.0)])
+    assert latencies[:4].tolist() == [10.0, 10.0, 8.0, 17.0]
+    assert math.isnan(latencies[4])
+
+
+def test_a_late_answer_for_an_older_event_does_not_uncover_newer_ones() -> None:
+    latencies = event_latencies(["a", "a"], np.array([0.0, 5.0]), [(1, 9.0), (0, 30.0)])
+    assert latencies.tolist() == [9.0, 4.0]
+
+
+def test_stage_means_read_the_workers_own_metrics() -> None:
+    metrics = WorkerMetrics()
+    for size, encode in ((100, 4.0), (300, 8.0)):
+        metrics.batch_size.observe(size)
+        metrics.stage_ms.labels("encode").observe(encode)
+        metrics.stage_ms.labels("db").observe(1.0)
+    batches, mean_batch, stages = stage_means(metrics.exposition().decode())
+    assert (batches, mean_batch) == (2, 200.0)
+    assert stages == {"db": 1.0, "encode": 6.0}
+
+
+def test_summary_and_tables() -> None:
+    latencies = np.array([5.0, 10.0, 15.0, np.nan])
+    result = summarise("taobao", 2000, latencies, first_send_ms=0.0, last_answer_ms=1500.0)
+    assert (result.events, result.answered, result.events_per_s) == (4, 3, 2.0)
+    assert result.p50_ms == 10.0
+    result.stage_ms = {"db": 1.0, "encode": 3.0}
+    loads = format_loads([result], [BareResult("bare aiokafka loop (taobao)", 10, 1.0, 10.0)])
+    assert "| taobao | 2,000 | 3/4 | 2 | 20% |" in loads
+    assert "75%" in format_stages([result])  # encode's share of the batch time
+    assert isinstance(result, LoadResult)
