@@ -131,6 +131,12 @@ class WorkerSettings(BaseModel):
     )
     ts_future_window_s: int = Field(300, ge=0, description="Furthest accepted clock skew.")
     device: str = Field("auto", description="auto, cpu or cuda for the encoder and index.")
+    cpu_threads: int = Field(
+        1,
+        ge=0,
+        description="Threads per encoder call and FAISS search on CPU (0: one per core). "
+        "More than one stalls when the cores are shared with the broker or other work.",
+    )
     session_timeout_s: float = Field(
         10.0,
         gt=0,
