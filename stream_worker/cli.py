@@ -396,6 +396,9 @@ def bench_e2e(
     database_url: Annotated[
         str | None, typer.Option(help="State database (default: a fresh SQLite file per load).")
     ] = None,
+    index_factory: Annotated[
+        str, typer.Option(help="FAISS factory of the benchmark model's index.")
+    ] = "Flat",
     out: BenchOutOpt = Path("bench-out/e2e"),
 ) -> None:
     """Replay real events through a broker into one worker; throughput, latency, stages."""
@@ -415,6 +418,7 @@ def bench_e2e(
         bootstrap=bootstrap,
         database_url=database_url,
         rated_seconds=rated_seconds,
+        index_factory=index_factory,
     )
     typer.echo(report)
 

@@ -305,7 +305,7 @@ def load_replay(name: str, data_root: Path, limit: int) -> Replay:
     )
 
 
-def publish_bench_model(replay: Replay, root: Path, max_len: int) -> None:
+def publish_bench_model(replay: Replay, root: Path, max_len: int, factory: str = "Flat") -> None:
     """A production-shaped SASRec over the replay's items, untrained: speed does not
     depend on the weights, and training on every dataset first would dominate the run."""
     from collections import Counter
@@ -329,7 +329,7 @@ def publish_bench_model(replay: Replay, root: Path, max_len: int) -> None:
         popularity=[item for item, _ in counts.most_common(1000)],
         info={"model": "sasrec", "note": "untrained, for speed benchmarks only"},
     )
-    publish_version(root, contents, IndexConfig())
+    publish_version(root, contents, IndexConfig(factory=factory))
 
 
 @dataclass
@@ -563,6 +563,7 @@ def run_e2e(
     worker_env: dict[str, str] | None = None,
     max_len: int = 200,
     rated_seconds: float = 20.0,
+    index_factory: str = "Flat",
 ) -> str:
     """Run every dataset at every offered load; write JSON, PNG and markdown; return it.
 
@@ -579,9 +580,9 @@ def run_e2e(
     with LocalBroker(log_dir=work) if bootstrap is None else _External(bootstrap) as broker:
         for name in datasets:
             replay = load_replay(name, data_root, events)
-            artifacts = work / f"artifacts-{name}"
+            artifacts = work / f"artifacts-{name}-{index_factory.replace(',', '_')}"
             if not artifacts.exists():
-                publish_bench_model(replay, artifacts, max_len)
+                publish_bench_model(replay, artifacts, max_len, index_factory)
             bench = Bench(
                 broker.bootstrap_servers, work, artifacts,
                 worker_env=worker_env or {}, database_url=database_url,
@@ -602,7 +603,10 @@ def run_e2e(
             {"loads": [asdict(r) for r in results], "bare": [asdict(b) for b in bare]}, indent=2
         )
     )
-    report = format_loads(results, bare) + "\n\nMean ms per batch by stage (share):\n\n"
+    overrides = ", ".join(f"{k}={v}" for k, v in sorted((worker_env or {}).items()))
+    report = f"Model: untrained SASRec, max_len {max_len}; index {index_factory}"
+    report += f"; worker settings: {overrides or 'defaults'}.\n\n"
+    report += format_loads(results, bare) + "\n\nMean ms per batch by stage (share):\n\n"
     report += format_stages(results)
     (out_dir / "e2e.md").write_text(report + "\n")
     return report
