@@ -603,7 +603,11 @@ def run_e2e(
             {"loads": [asdict(r) for r in results], "bare": [asdict(b) for b in bare]}, indent=2
         )
     )
-    overrides = ", ".join(f"{k}={v}" for k, v in sorted((worker_env or {}).items()))
+    settings = {
+        **{k: v for k, v in os.environ.items() if k.startswith("RECSTREAM_WORKER__")},
+        **(worker_env or {}),
+    }
+    overrides = ", ".join(f"{k}={v}" for k, v in sorted(settings.items()))
     report = f"Model: untrained SASRec, max_len {max_len}; index {index_factory}"
     report += f"; worker settings: {overrides or 'defaults'}.\n\n"
     report += format_loads(results, bare) + "\n\nMean ms per batch by stage (share):\n\n"
