@@ -79,7 +79,10 @@ def build_index(item_vectors: FloatArray, cfg: IndexConfig) -> tuple[Any, IndexR
 
 def configure_search(index: Any, cfg: IndexConfig) -> None:
     """Apply query-time parameters (nprobe, efSearch) where the index has them."""
-    params = faiss.ParameterSpace()
+    # The CPU ParameterSpace cannot set nprobe on a GPU IVF index (it raises, which is
+    # suppressed below), which would leave it searching one list.
+    on_gpu = "Gpu" in type(index).__name__ and hasattr(faiss, "GpuParameterSpace")
+    params = faiss.GpuParameterSpace() if on_gpu else faiss.ParameterSpace()
     for name, value in (("nprobe", cfg.nprobe), ("efSearch", cfg.ef_search)):
         with contextlib.suppress(RuntimeError):  # this index type has no such parameter
             params.set_index_parameter(index, name, value)
