@@ -341,6 +341,7 @@ class Bench:
     worker_env: dict[str, str] = field(default_factory=dict)
     database_url: str | None = None
     idle_s: float = 30.0
+    settle_s: float = 5.0
 
     def _topics(self, tag: str) -> dict[str, str]:
         from stream_worker.broker import ensure_topics
@@ -423,6 +424,9 @@ class Bench:
         worker, port = self._start_worker(topics, url, tag)
         try:
             collector.start()
+            # Joining the group is not the end of start-up: offset resets and the first
+            # fetches of every partition follow; the timed replay starts after them.
+            time.sleep(self.settle_s)
             go.set()
             producer.join()
             collector.join()
