@@ -11,6 +11,7 @@ The same contracts are published as JSON Schema files (:func:`load_schema`).
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -111,6 +112,11 @@ _ID_FIELDS = ("event_id", "user_id", "item_id")
 _STRING_FIELDS = ("event_id", "user_id", "item_id", "event_type")
 _EVENT_TYPE_SET = frozenset(EVENT_TYPES)
 _ORIGINAL_TEXT_MAX_CHARS = 4096
+# A dead letter must fit in one Kafka record: brokers and producers refuse records over
+# 1 MiB by default (message.max.bytes, max.request.size), and base64 grows bytes by 4/3.
+# A bigger copy would fail to publish and stop the worker on that record at every restart.
+DEAD_LETTER_MAX_VALUE_COPY = 384 * 1024
+DEAD_LETTER_MAX_KEY_COPY = 64 * 1024
 _SHOW_MAX = 80
 
 
@@ -281,19 +287,30 @@ def _b64(data: bytes) -> str:
 def dead_letter_value(rejected: Rejected, source_topic: str, now_ms: int) -> bytes:
     """The dead-letter record value for ``rejected`` (see ``dead_letter.schema.json``).
 
-    ``original_b64`` holds the exact original bytes; ``original_text`` repeats them as
-    text for people when they are valid UTF-8 of at most 4096 characters. The JSON is
-    ASCII-only (non-ASCII escaped), so encoding it can never fail.
+    ``original_b64`` holds the exact original bytes, and ``key_b64`` the exact key, up to
+    :data:`DEAD_LETTER_MAX_VALUE_COPY` and :data:`DEAD_LETTER_MAX_KEY_COPY` bytes; a
+    longer one is cut to that prefix and ``truncated`` is true, so the letter always fits
+    in a default-sized Kafka record (under 1 MiB). ``original_size`` and
+    ``original_sha256`` describe the whole original value either way. ``original_text``
+    repeats the value as text for people when it is valid UTF-8 of at most 4096
+    characters. The JSON is ASCII-only (non-ASCII escaped), so encoding it can never fail.
     """
+    original, key = rejected.original, rejected.key
+    truncated = len(original) > DEAD_LETTER_MAX_VALUE_COPY or (
+        key is not None and len(key) > DEAD_LETTER_MAX_KEY_COPY
+    )
     doc = {
         "reason": rejected.reason.value,
         "detail": rejected.detail,
         "topic": source_topic,
         "partition": rejected.partition,
         "offset": rejected.offset,
-        "key_b64": None if rejected.key is None else _b64(rejected.key),
-        "original_b64": _b64(rejected.original),
-        "original_text": _original_text(rejected.original),
+        "key_b64": None if key is None else _b64(key[:DEAD_LETTER_MAX_KEY_COPY]),
+        "original_b64": _b64(original[:DEAD_LETTER_MAX_VALUE_COPY]),
+        "original_text": _original_text(original),
+        "original_size": len(original),
+        "original_sha256": hashlib.sha256(original).hexdigest(),
+        "truncated": truncated,
         "failed_ts": now_ms,
     }
     return json.dumps(doc, separators=(",", ":"), allow_nan=False).encode("ascii")

@@ -1,14 +1,35 @@
 """Kafka client configuration from settings, for faust and for kafka-python.
 
-Credentials travel only inside these dicts and objects; nothing here is logged.
+Credentials travel only inside these dicts and objects; nothing here is logged. The
+client libraries would log them: at DEBUG, kafka-python's admin client prints its whole
+configuration (the SASL password in clear) and both libraries print raw protocol frames
+(SASL PLAIN sends the password in one). So whenever credentials are configured, the
+``kafka`` and ``aiokafka`` loggers are held at INFO, whatever ``RECSTREAM_LOG_LEVEL`` says.
 """
 
+import logging
 import ssl
 from typing import Any
 
 import faust
 
+from model.errors import ConfigError
 from stream_worker.settings import KafkaSettings
+
+logger = logging.getLogger(__name__)
+
+CLIENT_LOGGERS = ("kafka", "aiokafka")
+
+
+def protect_client_logs(settings: KafkaSettings) -> None:
+    """Hold the Kafka client loggers at INFO or above when ``settings`` carry a secret."""
+    if settings.sasl_password is None and settings.ssl_password is None:
+        return
+    for name in CLIENT_LOGGERS:
+        client_logger = logging.getLogger(name)
+        if client_logger.getEffectiveLevel() < logging.INFO:
+            client_logger.setLevel(logging.INFO)
+            logger.info("%s DEBUG logging stays off: it would print the Kafka credentials", name)
 
 
 def bootstrap_list(settings: KafkaSettings) -> list[str]:
@@ -16,22 +37,49 @@ def bootstrap_list(settings: KafkaSettings) -> list[str]:
 
 
 def ssl_context(settings: KafkaSettings) -> ssl.SSLContext | None:
+    """The TLS context for SSL and SASL_SSL (None otherwise): server certificates are
+    verified against ``ssl_cafile`` (else the system's CAs), host names checked.
+
+    :raises ConfigError: a TLS file is missing or unusable, or the key password is wrong;
+        the message names the setting, never the password.
+    """
     if "SSL" not in settings.security_protocol:
         return None
-    context = ssl.create_default_context(
-        cafile=str(settings.ssl_cafile) if settings.ssl_cafile else None
-    )
-    if settings.ssl_certfile:
-        context.load_cert_chain(
-            str(settings.ssl_certfile),
-            str(settings.ssl_keyfile) if settings.ssl_keyfile else None,
-            settings.ssl_password.get_secret_value() if settings.ssl_password else None,
+    try:
+        context = ssl.create_default_context(
+            cafile=str(settings.ssl_cafile) if settings.ssl_cafile else None
         )
+    except OSError as exc:  # ssl.SSLError included
+        raise ConfigError(
+            f"RECSTREAM_KAFKA__SSL_CAFILE: cannot load CA certificates from "
+            f"{settings.ssl_cafile}: {_why(exc)}"
+        ) from None
+    if settings.ssl_certfile:
+        try:
+            context.load_cert_chain(
+                str(settings.ssl_certfile),
+                str(settings.ssl_keyfile) if settings.ssl_keyfile else None,
+                settings.ssl_password.get_secret_value() if settings.ssl_password else None,
+            )
+        except OSError as exc:  # ssl.SSLError included
+            raise ConfigError(
+                "RECSTREAM_KAFKA__SSL_CERTFILE/__SSL_KEYFILE/__SSL_PASSWORD: cannot load the "
+                f"client certificate {settings.ssl_certfile} "
+                f"(key {settings.ssl_keyfile or 'in the same file'}): {_why(exc)}"
+            ) from None
     return context
+
+
+def _why(exc: OSError) -> str:
+    # OpenSSL's reasons and the OS's words; neither ever contains the key password.
+    if isinstance(exc, ssl.SSLError):
+        return str(exc)
+    return exc.strerror or str(exc)
 
 
 def faust_broker_options(settings: KafkaSettings) -> dict[str, Any]:
     """``broker`` and ``broker_credentials`` arguments for :class:`faust.App`."""
+    protect_client_logs(settings)
     options: dict[str, Any] = {"broker": [f"kafka://{s}" for s in bootstrap_list(settings)]}
     context = ssl_context(settings)
     if settings.security_protocol.startswith("SASL"):
@@ -57,7 +105,8 @@ def kafka_python_options(settings: KafkaSettings) -> dict[str, Any]:
 
 
 def security_options(settings: KafkaSettings) -> dict[str, Any]:
-    """kafka-python's TLS and SASL options."""
+    """kafka-python's TLS and SASL options (aiokafka takes the same names)."""
+    protect_client_logs(settings)
     options: dict[str, Any] = {"security_protocol": settings.security_protocol}
     if settings.security_protocol.startswith("SASL"):
         assert settings.sasl_password is not None

@@ -21,6 +21,7 @@ from tenacity import (
 
 from stream_worker.errors import DatabaseUnavailable
 from stream_worker.events import (
+    DEAD_LETTER_MAX_KEY_COPY,
     ClickEvent,
     DecodeLimits,
     Rejected,
@@ -100,12 +101,15 @@ class BatchProcessor:
                 events.append(decoded)
         t1 = time.perf_counter()
         applied = None
-        if events:
+        if records:
+            # Where each partition stands after this batch, bad records included
+            # (records come in offset order within a partition).
+            positions = {rec.partition: rec.offset for rec in records}
             history = self.settings.worker.history_length
-            applied = self._apply(self.engine, self.topic, events, history)
+            applied = self._apply(self.engine, self.topic, events, history, positions)
         t2 = time.perf_counter()
         times = StageTimes()
-        if applied is not None:
+        if applied is not None and events:
             self.metrics.events.labels("applied").inc(applied.applied)
             self.metrics.events.labels("duplicate").inc(applied.skipped)
             out.recommendations = self._recommend(recommender, events, applied, times)
@@ -132,7 +136,9 @@ class BatchProcessor:
             rejected.reason.value,
             rejected.detail,
         )
-        out.dead_letters.append((rejected.key, dead_letter_value(rejected, self.topic, now)))
+        # The key is copied like the value, capped, so the letter fits one Kafka record.
+        key = None if rejected.key is None else rejected.key[:DEAD_LETTER_MAX_KEY_COPY]
+        out.dead_letters.append((key, dead_letter_value(rejected, self.topic, now)))
 
     def _recommend(
         self,

@@ -144,7 +144,10 @@ class WorkerSettings(BaseModel):
     )
     producer_linger_ms: int = Field(5, ge=0, description="Producer batching delay.")
     fetch_max_wait_ms: int = Field(
-        50, ge=1, description="Longest broker long-poll per fetch: a floor on idle latency."
+        10,
+        ge=1,
+        description="Longest broker long-poll per fetch; brokers that hold fetches until "
+        "it (tansu) make it a latency floor (p99 370 -> 112 ms at 2,000 events/s, 50 -> 10).",
     )
     web_port: int = Field(6066, ge=0, le=65535, description="Health and metrics HTTP port.")
     data_dir: Path = Path("var/worker")

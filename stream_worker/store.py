@@ -408,7 +408,11 @@ def run_migrations(url: str, revision: str = "head") -> tuple[str | None, str]:
 
 
 def apply_batch(
-    engine: Engine, topic: str, events: Sequence[ClickEvent], max_len: int
+    engine: Engine,
+    topic: str,
+    events: Sequence[ClickEvent],
+    max_len: int,
+    positions: Mapping[int, int] | None = None,
 ) -> AppliedBatch:
     """Append a micro-batch's items to its users' sequences and advance partition offsets.
 
@@ -418,12 +422,18 @@ def apply_batch(
     workers applying the same partition at once (during a rebalance) serialize, and the
     second skips what the first applied. ``events`` must be in per-partition offset order.
     Four statements, each sent once whatever the batch size.
+
+    ``positions`` (partition -> last offset of the whole batch, bad records included)
+    advances the stored offsets past records that were not events, so the stored offset
+    is where the worker really stands: a restart then re-reads neither events nor
+    dead letters.
     """
     if max_len < 1:
         raise ValueError(f"max_len must be at least 1, got {max_len}")
-    if not events:
+    positions = positions or {}
+    if not events and not positions:
         return AppliedBatch(sequences={}, applied=0, skipped=0)
-    partitions = sorted({ev.partition for ev in events})
+    partitions = sorted({ev.partition for ev in events} | set(positions))
     with _transaction(engine, write=True) as conn:
         statements = _statements(conn.dialect.name)
         offsets = _locked_offsets(conn, statements, topic, partitions)
@@ -433,6 +443,10 @@ def apply_batch(
         )
         stored = _select_sequences(conn, statements.lock_sequences, candidates)
         merged = merge_events(offsets, stored, events, max_len)
+        advanced = dict(merged.offsets)
+        for partition, offset in positions.items():
+            if offset > max(offsets.get(partition, NO_OFFSET), advanced.get(partition, NO_OFFSET)):
+                advanced[partition] = offset
         if merged.applied:
             counts = merged.event_counts()
             _execute_many(
@@ -443,12 +457,13 @@ def apply_batch(
                     for user, seq in sorted(merged.sequences.items())
                 ],
             )
+        if advanced:
             _execute_many(
                 conn,
                 statements.upsert_offsets,
                 [
                     {"topic": topic, "partition": p, "last_offset": o}
-                    for p, o in sorted(merged.offsets.items())
+                    for p, o in sorted(advanced.items())
                 ],
             )
     last_event = {ev.user_id: ev for ev in merged.applied}

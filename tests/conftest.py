@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import uuid
 from collections.abc import Callable, Iterator
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from stream_worker.broker import LocalBroker
+from stream_worker.kafka_config import CLIENT_LOGGERS
 
 
 @pytest.fixture(scope="session")
@@ -38,3 +40,12 @@ def topic_names(request: pytest.FixtureRequest) -> Callable[[str], str]:
         return f"{test}-{role}-{run}"
 
     return name
+
+
+@pytest.fixture
+def client_log_levels() -> Iterator[None]:
+    """Restore the Kafka client loggers' levels, which configured credentials hold at INFO."""
+    levels = {name: logging.getLogger(name).level for name in CLIENT_LOGGERS}
+    yield
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)

@@ -18,6 +18,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.pool import NullPool
 
 from stream_worker.store import redacted
+from tests.integration.reliability_harness import temporary_database
 
 PG_ADMIN_URL = os.environ.get(
     "RECSTREAM_TEST_PG_ADMIN_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
@@ -37,7 +38,6 @@ def pg_url() -> Iterator[str]:
         with admin.connect() as conn:
             conn.exec_driver_sql("SELECT 1")
     except DBAPIError as exc:
-        admin.dispose()
         reason = (
             f"PostgreSQL is not reachable at {redacted(PG_ADMIN_URL)} "
             f"({' '.join(str(exc.orig).split())}); start it with "
@@ -47,16 +47,10 @@ def pg_url() -> Iterator[str]:
         if os.environ.get("CI"):
             pytest.fail(reason)
         pytest.skip(reason)
-    name = f"recstream_test_{uuid.uuid4().hex[:12]}"
-    with admin.connect() as conn:
-        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
-    try:
-        yield make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
     finally:
-        with admin.connect() as conn:
-            # FORCE: a test that leaked a pooled connection must not leak the database.
-            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         admin.dispose()
+    with temporary_database(PG_ADMIN_URL) as url:
+        yield url
 
 
 @pytest.fixture

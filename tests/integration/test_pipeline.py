@@ -12,7 +12,7 @@ from stream_worker.metrics import WorkerMetrics
 from stream_worker.pipeline import BatchProcessor, RawRecord
 from stream_worker.recommender import Recommender, VersionWatcher, length_buckets, search_depth
 from stream_worker.settings import Settings
-from stream_worker.store import load_sequences, make_engine, run_migrations
+from stream_worker.store import load_sequences, make_engine, run_migrations, stored_offsets
 from tests.integration.worker_harness import TinyModel, publish_tiny_model
 
 pytestmark = pytest.mark.integration
@@ -101,6 +101,20 @@ def test_bad_records_become_dead_letters_and_good_ones_still_flow(
     assert json.loads(out.dead_letters[0][1])["reason"] == "not_json"
     assert len(out.recommendations) == 1
     assert set(out.stages_ms) == {"decode", "db", "encode", "search", "rank"}
+
+
+def test_stored_offsets_cover_bad_records_so_a_resume_does_not_reread_them(
+    tiny: TinyModel, tmp_path: Path
+) -> None:
+    proc = processor(tiny, tmp_path)
+    topic = proc.settings.topics.events
+    good = records([("e1", "u", "item-1")], start=0)
+    proc.process([*good, RawRecord(b"u", b"{oops", 0, 1), RawRecord(b"v", b"[]", 1, 7)])
+    assert stored_offsets(proc.engine, topic) == {0: 1, 1: 7}
+    # A batch of bad records only still moves the stored position.
+    out = proc.process([RawRecord(None, b"\xff", 1, 8)])
+    assert len(out.dead_letters) == 1 and not out.recommendations
+    assert stored_offsets(proc.engine, topic) == {0: 1, 1: 8}
 
 
 def test_recommender_equals_the_eager_model_for_mixed_lengths_and_crowded_rankings(

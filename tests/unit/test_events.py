@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 from typing import Any
 
@@ -268,6 +269,9 @@ def test_dead_letter_round_trips_invalid_utf8_exactly() -> None:
         "key_b64": letter["key_b64"],
         "original_b64": letter["original_b64"],
         "original_text": None,
+        "original_size": len(original),
+        "original_sha256": hashlib.sha256(original).hexdigest(),
+        "truncated": False,
         "failed_ts": NOW + 5,
     }
     assert value == dead_letter_value(result, TOPIC, now_ms=NOW + 5)  # deterministic
