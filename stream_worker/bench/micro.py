@@ -660,13 +660,9 @@ def run_encoder(out_dir: Path, device: str, quick: bool, *, progress: bool = Tru
             "min_repeats": 2,
             "budget_s": 0.05,
         }
-    started = time.perf_counter()
-    results = bench_encoder(**settings, progress=progress)
-    wall_s = time.perf_counter() - started
-    _write_json(out_dir / "encoder.json", "encoder", settings, results, wall_s)
-    plot_encoder(results, out_dir / "encoder.png")
-    logger.info("encoder results written to %s", out_dir)
-    return format_encoder_table(results)
+    return _run_and_record(
+        out_dir, "encoder", settings, bench_encoder, plot_encoder, format_encoder_table, progress
+    )
 
 
 def run_index(
@@ -689,10 +685,25 @@ def run_index(
             "min_calls": 2,
             "budget_s": 0.1,
         }
+    return _run_and_record(
+        out_dir, "index", settings, bench_index, plot_index, format_index_table, progress
+    )
+
+
+def _run_and_record(
+    out_dir: Path,
+    name: str,
+    settings: dict[str, Any],
+    bench: Callable[..., Sequence[Any]],
+    plot: Callable[[Any, Path], None],
+    table: Callable[[Any], str],
+    progress: bool,
+) -> str:
+    """Run one benchmark; write ``<name>.json`` and ``<name>.png``; return its table."""
     started = time.perf_counter()
-    results = bench_index(**settings, progress=progress)
+    results = bench(**settings, progress=progress)
     wall_s = time.perf_counter() - started
-    _write_json(out_dir / "index.json", "index", settings, results, wall_s)
-    plot_index(results, out_dir / "index.png")
-    logger.info("index results written to %s", out_dir)
-    return format_index_table(results)
+    _write_json(out_dir / f"{name}.json", name, settings, results, wall_s)
+    plot(results, out_dir / f"{name}.png")
+    logger.info("%s results written to %s", name, out_dir)
+    return table(results)
