@@ -652,12 +652,16 @@ class TcpProxy:
         assert self._selector is not None and self._listener is not None
         try:
             client, _ = self._listener.accept()
+        except OSError:
+            return
+        try:
             if self.tls is not None:
                 client.setblocking(True)
                 client.settimeout(5)
                 client = self.tls.wrap_socket(client, server_side=True)
             upstream = socket.create_connection((self.host, self.target_port), timeout=5)
         except OSError:  # ssl.SSLError included: a client that fails the handshake
+            client.close()
             return
         for sock in (client, upstream):
             sock.setblocking(True)
