@@ -83,12 +83,11 @@ async def send_batches(
 class _Rebalance(aiokafka.ConsumerRebalanceListener):  # type: ignore[misc]  # untyped base
     def __init__(self, owner: "BatchConsumer") -> None:
         self.owner = owner
-        self.in_flight = owner.in_flight
 
     async def on_partitions_revoked(self, revoked: Iterable[Any]) -> None:
         # The batch in flight finishes, and everything processed is acknowledged and
         # committed before the partitions move (the database skips any overlap).
-        async with self.in_flight:
+        async with self.owner.in_flight:
             if self.owner.consumer is not None:
                 await self.owner._commit(self.owner.consumer)
 
@@ -104,7 +103,6 @@ class BatchConsumer(mode.Service):
 
     def __init__(
         self,
-        app: faust.App,
         settings: Settings,
         processor: BatchProcessor,
         metrics: WorkerMetrics,
@@ -112,7 +110,6 @@ class BatchConsumer(mode.Service):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        self.app = app
         self.settings = settings
         self.processor = processor
         self.metrics = metrics
@@ -298,13 +295,13 @@ class _Boot(BootStrategy):
 class App(faust.App):
     BootStrategy = _Boot
 
-    def __init__(self, *args: Any, batch_consumer: list[BatchConsumer], **kwargs: Any) -> None:
+    def __init__(self, *args: Any, batch_consumer: BatchConsumer, **kwargs: Any) -> None:
         self._batch_consumer = batch_consumer
         super().__init__(*args, **kwargs)
 
     def on_init_dependencies(self) -> Iterable[mode.ServiceT]:
-        # Started after the producer and web server, stopped before them.
-        return [*super().on_init_dependencies(), *self._batch_consumer]
+        # Started after the web server, stopped before it.
+        return [*super().on_init_dependencies(), self._batch_consumer]
 
 
 @dataclass
@@ -338,24 +335,20 @@ def create_app(settings: Settings, engine: Engine) -> WorkerContext:
     processor = BatchProcessor(settings, engine, watcher, metrics)
     # One thread: batches of this worker run strictly one after another, in order.
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch")
-    holder: list[BatchConsumer] = []
+    consumer = BatchConsumer(settings, processor, metrics, executor)
     app = App(
         settings.worker.group_id,
-        batch_consumer=holder,
+        batch_consumer=consumer,
         **faust_broker_options(settings.kafka),
         store="memory://",
         datadir=str(settings.worker.data_dir),
         key_serializer="raw",
         value_serializer="raw",
-        producer_linger=settings.worker.producer_linger_ms / 1000,
-        producer_acks=-1,
         web_enabled=settings.worker.web_port > 0,
         web_port=settings.worker.web_port or 6066,
         web_bind="0.0.0.0",
         web_in_thread=False,
     )
-    consumer = BatchConsumer(app, settings, processor, metrics, executor)
-    holder.append(consumer)
     ctx = WorkerContext(app, processor, watcher, metrics, executor, consumer)
 
     @app.page("/health")
