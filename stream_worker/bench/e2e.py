@@ -343,11 +343,12 @@ class Bench:
     idle_s: float = 30.0
     settle_s: float = 5.0
 
-    def _topics(self, tag: str) -> dict[str, str]:
+    def _topics(self, tag: str, kinds: Sequence[str]) -> dict[str, str]:
+        """Fresh topics for one run, one per kind (events, recs, dlq, bare)."""
         from stream_worker.broker import ensure_topics
 
         run = uuid.uuid4().hex[:6]
-        names = {k: f"bench-{tag}-{run}-{k}" for k in ("events", "recs", "dlq", "bare")}
+        names = {k: f"bench-{tag}-{run}-{k}" for k in kinds}
         ensure_topics(self.bootstrap, dict.fromkeys(names.values(), self.partitions))
         return names
 
@@ -398,7 +399,7 @@ class Bench:
         """One offered load: fresh topics and state, one worker, every event answered."""
         ctx = mp.get_context("spawn")
         tag = f"{replay.name}-{int(rate) if rate else 'max'}"
-        topics = self._topics(tag)
+        topics = self._topics(tag, ("events", "recs", "dlq"))
         url = self._database(tag)
         files = {k: str(self.workdir / f"{tag}-{k}.npy") for k in ("sent", "answers")}
         last_of_user: dict[str, int] = {u: i for i, u in enumerate(replay.users)}
@@ -456,7 +457,7 @@ class Bench:
     def run_bare(self, replay: Replay) -> BareResult:
         """Preload the replay, then drain it with the bare loop in its own process."""
         ctx = mp.get_context("spawn")
-        topics = self._topics(f"{replay.name}-bare")
+        topics = self._topics(f"{replay.name}-bare", ("events", "bare"))
         sent = str(self.workdir / f"{replay.name}-bare-sent.npy")
         out = str(self.workdir / f"{replay.name}-bare.npy")
         go = ctx.Event()
