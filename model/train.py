@@ -84,14 +84,14 @@ def sequence_loss(
     first = int((batch != 0).any(dim=0).nonzero()[0])
     batch = batch[:, min(first, batch.size(1) - 2) :]
     inputs, targets = batch[:, :-1], batch[:, 1:]
-    mask = targets != 0
+    # A user's first item has no history to predict it from: not a target.
+    mask = (targets != 0) & (inputs != 0)
     hidden = model(inputs)[mask]
     target = targets[mask]
     emb = model.item_embeddings()
     if cfg.loss == "ce":
-        logits = hidden @ emb.T
-        logits[:, 0] = -torch.inf  # padding is never a next item
-        return F.cross_entropy(logits, target)
+        # Padding (row 0) is never a next item: leave it out of the softmax.
+        return F.cross_entropy(hidden @ emb[1:].T, target - 1)
     # Sampled softmax: the positive against negatives shared across the batch, with
     # accidental hits masked out.
     negatives = torch.randint(1, num_items + 1, (cfg.negatives,), device=batch.device)
