@@ -73,11 +73,21 @@ async def send_batches(
         batch = producer.create_batch()
         for key, value in rows:
             if batch.append(key=key, value=value, timestamp=None) is None:  # full
-                futures.append(await producer.send_batch(batch, topic, partition=partition))
+                futures.append(await _send_closed(producer, batch, topic, partition))
                 batch = producer.create_batch()
                 batch.append(key=key, value=value, timestamp=None)
-        futures.append(await producer.send_batch(batch, topic, partition=partition))
+        futures.append(await _send_closed(producer, batch, topic, partition))
     return futures
+
+
+async def _send_closed(
+    producer: aiokafka.AIOKafkaProducer, batch: Any, topic: str, partition: int
+) -> "asyncio.Future[Any]":
+    # A closed batch is complete: the producer sends it at once instead of holding it
+    # for linger_ms in case more records arrive (+5 ms on every recommendation).
+    batch.close()
+    future: asyncio.Future[Any] = await producer.send_batch(batch, topic, partition=partition)
+    return future
 
 
 class _Rebalance(aiokafka.ConsumerRebalanceListener):  # type: ignore[misc]  # untyped base
