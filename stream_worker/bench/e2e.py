@@ -8,7 +8,9 @@ interpreter), and measures:
 - sustained events/s (events answered over first send to last answer);
 - latency of every event, from the producer's send to the moment the collector
   receives the recommendation that covers it (a user's recommendation covers all of
-  that user's events up to the ``source_event_id`` it names);
+  that user's events up to the ``source_event_id`` it names), and to the moment it was
+  published (its record timestamp, stamped as the worker hands it to its producer):
+  the difference is the output's trip through the broker to a consumer;
 - the worker's per-batch stage times, scraped from its ``/metrics``;
 - the worker's peak RSS.
 
@@ -72,6 +74,8 @@ class LoadResult:
     p95_ms: float
     p99_ms: float
     max_ms: float
+    publish_p50_ms: float  # to the recommendation's record timestamp
+    publish_p99_ms: float
     batches: int
     mean_batch: float
     stage_ms: dict[str, float] = field(default_factory=dict)  # mean per batch
@@ -141,8 +145,13 @@ def summarise(
     latencies: npt.NDArray[np.float64],
     first_send_ms: float,
     last_answer_ms: float,
+    to_publish: npt.NDArray[np.float64] | None = None,
 ) -> LoadResult:
+    """Throughput and percentiles; ``latencies`` run to receipt, ``to_publish`` (same
+    events) to the record timestamps of the recommendations."""
     answered = latencies[~np.isnan(latencies)]
+    published = to_publish[~np.isnan(to_publish)] if to_publish is not None else answered[:0]
+    pub = np.percentile(published, [50, 99]) if len(published) else np.full(2, np.nan)
     seconds = max(last_answer_ms - first_send_ms, 1.0) / 1000
     pct = np.percentile(answered, [50, 95, 99]) if len(answered) else np.full(3, np.nan)
     return LoadResult(
@@ -156,6 +165,8 @@ def summarise(
         p95_ms=round(float(pct[1]), 1),
         p99_ms=round(float(pct[2]), 1),
         max_ms=round(float(answered.max()), 1) if len(answered) else float("nan"),
+        publish_p50_ms=round(float(pub[0]), 1),
+        publish_p99_ms=round(float(pub[1]), 1),
         batches=0,
         mean_batch=0.0,
     )
@@ -195,8 +206,9 @@ def _produce(bootstrap: str, topic: str, replay: Replay, rate: float, out: str, 
 def _collect(
     bootstrap: str, topics: list[str], final_events: list[int], out: str, idle_s: float
 ) -> None:
-    """Record ``(event index, receive ms)`` of every recommendation and dead letter until
-    each user's last event is covered, or nothing arrived for ``idle_s``."""
+    """Record ``(event index, receive ms, record timestamp ms)`` of every recommendation
+    and dead letter until each user's last event is covered, or nothing arrived for
+    ``idle_s``."""
     import base64
 
     from kafka import KafkaConsumer
@@ -210,7 +222,7 @@ def _collect(
         fetch_max_wait_ms=5,
         max_partition_fetch_bytes=4 * 1024 * 1024,
     )
-    rows: list[tuple[int, float]] = []
+    rows: list[tuple[int, float, float]] = []
     last = time.monotonic()
     try:
         while pending and time.monotonic() - last < idle_s:
@@ -224,12 +236,12 @@ def _collect(
                     else:
                         event_id = json.loads(base64.b64decode(doc["original_b64"]))["event_id"]
                     index = int(event_id[1:])
-                    rows.append((index, now))
+                    rows.append((index, now, float(rec.timestamp)))
                     pending.discard(index)
                     last = time.monotonic()
     finally:
         consumer.close()
-    np.save(out, np.array(rows, dtype=np.float64).reshape(-1, 2))
+    np.save(out, np.array(rows, dtype=np.float64).reshape(-1, 3))
 
 
 def _bare_loop(bootstrap: str, source: str, sink: str, events: int, out: str) -> None:
@@ -442,11 +454,13 @@ class Bench:
                 worker.kill()
         sent = np.load(files["sent"])
         answers = np.load(files["answers"])
-        pairs = [(int(i), float(t)) for i, t in answers]
-        latencies = event_latencies(replay.users, sent, pairs)
+        received = [(int(i), float(t)) for i, t, _ in answers]
+        published = [(int(i), float(t)) for i, _, t in answers]
+        latencies = event_latencies(replay.users, sent, received)
+        to_publish = event_latencies(replay.users, sent, published)
         first = float(sent.min()) if rate else float(answers[:, 1].min()) if len(answers) else 0
         last = float(answers[:, 1].max()) if len(answers) else first
-        result = summarise(replay.name, rate, latencies, first, last)
+        result = summarise(replay.name, rate, latencies, first, last, to_publish)
         result.batches, result.mean_batch, result.stage_ms = stage_means(metrics_text)
         result.worker_peak_rss_mb = peak_rss
         np.save(self.workdir / f"{tag}-latency.npy", latencies)
@@ -497,15 +511,16 @@ def format_loads(results: Sequence[LoadResult], bare: Sequence[BareResult]) -> s
     ceiling = {b.name.split("(")[-1].rstrip(")"): b.events_per_s for b in bare}
     lines = [
         "| dataset | offered ev/s | events | sustained ev/s | vs bare | p50 ms | p95 ms "
-        "| p99 ms | batches | mean batch | worker peak RSS MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| p99 ms | p50 / p99 ms to publish | batches | mean batch | worker peak RSS MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         ratio = r.events_per_s / ceiling[r.dataset] if r.dataset in ceiling else float("nan")
         offered = "unthrottled" if r.offered == 0 else f"{r.offered:,.0f}"
         lines.append(
             f"| {r.dataset} | {offered} | {r.answered:,}/{r.events:,} | {r.events_per_s:,.0f} "
-            f"| {ratio:.0%} | {r.p50_ms:.1f} | {r.p95_ms:.1f} | {r.p99_ms:.1f} | {r.batches:,} "
+            f"| {ratio:.0%} | {r.p50_ms:.1f} | {r.p95_ms:.1f} | {r.p99_ms:.1f} "
+            f"| {r.publish_p50_ms:.1f} / {r.publish_p99_ms:.1f} | {r.batches:,} "
             f"| {r.mean_batch:.0f} | {r.worker_peak_rss_mb:,.0f} |"
         )
     lines += ["", "| ceiling | events | seconds | ev/s |", "|---|---|---|---|"]

@@ -30,6 +30,9 @@ def test_every_event_is_answered_and_measured_against_the_bare_loop(
     result = bench.run_load(replay, rate=400)
     assert (result.events, result.answered) == (len(replay), len(replay))
     assert 0 < result.p50_ms <= result.p95_ms <= result.p99_ms <= result.max_ms
+    # Published (record timestamp) before received, and after the event was sent.
+    assert 0 < result.publish_p50_ms <= result.p50_ms
+    assert result.publish_p99_ms <= result.p99_ms
     assert result.batches >= 1 and result.mean_batch >= 1
     assert {"decode", "db", "encode", "search", "publish"} <= set(result.stage_ms)
     assert result.worker_peak_rss_mb > 0

@@ -44,11 +44,14 @@ def test_stage_means_read_the_workers_own_metrics() -> None:
 
 def test_summary_and_tables() -> None:
     latencies = np.array([5.0, 10.0, 15.0, np.nan])
-    result = summarise("taobao", 2000, latencies, first_send_ms=0.0, last_answer_ms=1500.0)
+    to_publish = latencies - 2.0
+    result = summarise("taobao", 2000, latencies, 0.0, 1500.0, to_publish)
     assert (result.events, result.answered, result.events_per_s) == (4, 3, 2.0)
     assert result.p50_ms == 10.0
+    assert (result.publish_p50_ms, result.publish_p99_ms) == (8.0, 12.9)
     result.stage_ms = {"db": 1.0, "encode": 3.0}
     loads = format_loads([result], [BareResult("bare aiokafka loop (taobao)", 10, 1.0, 10.0)])
     assert "| taobao | 2,000 | 3/4 | 2 | 20% |" in loads
+    assert "| 8.0 / 12.9 |" in loads
     assert "75%" in format_stages([result])  # encode's share of the batch time
     assert isinstance(result, LoadResult)
