@@ -139,21 +139,24 @@ def stage_means(metrics_text: str) -> tuple[int, float, dict[str, float]]:
     return int(batches), records / batches if batches else 0.0, means
 
 
+def _percentiles(values: npt.NDArray[np.float64], qs: list[float]) -> npt.NDArray[np.float64]:
+    return np.percentile(values, qs) if len(values) else np.full(len(qs), np.nan)
+
+
 def summarise(
     dataset: str,
     offered: float,
     latencies: npt.NDArray[np.float64],
     first_send_ms: float,
     last_answer_ms: float,
-    to_publish: npt.NDArray[np.float64] | None = None,
+    to_publish: npt.NDArray[np.float64],
 ) -> LoadResult:
     """Throughput and percentiles; ``latencies`` run to receipt, ``to_publish`` (same
     events) to the record timestamps of the recommendations."""
     answered = latencies[~np.isnan(latencies)]
-    published = to_publish[~np.isnan(to_publish)] if to_publish is not None else answered[:0]
-    pub = np.percentile(published, [50, 99]) if len(published) else np.full(2, np.nan)
     seconds = max(last_answer_ms - first_send_ms, 1.0) / 1000
-    pct = np.percentile(answered, [50, 95, 99]) if len(answered) else np.full(3, np.nan)
+    pct = _percentiles(answered, [50, 95, 99])
+    pub = _percentiles(to_publish[~np.isnan(to_publish)], [50, 99])
     return LoadResult(
         dataset=dataset,
         offered=offered,
