@@ -26,22 +26,29 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.out = nn.Linear(dim, dim)
 
-    def forward(self, x: Tensor, attn_mask: Tensor, last_only: bool = False) -> Tensor:
-        """Attention outputs [B, L, dim], or [B, 1, dim] for the newest position only
-        (``attn_mask`` then [B, 1, 1, L]): inference needs no other query."""
+    def forward(
+        self, x: Tensor, query: Tensor | None = None, key_mask: Tensor | None = None
+    ) -> Tensor:
+        """Causal attention over right-padded ``x`` [B, L, dim] (items first, padding
+        after): [B, L, dim]. With ``query`` [B, 1, dim] (one query per row) and
+        ``key_mask`` [B, 1, 1, L] (the keys it may see), [B, 1, dim]."""
         batch, length, dim = x.shape
-        if last_only:
-            q = F.linear(x[:, -1:], self.qkv.weight[:dim], self.qkv.bias[:dim])
-            k, v = F.linear(x, self.qkv.weight[dim:], self.qkv.bias[dim:]).chunk(2, dim=2)
-        else:
+        if query is None:
             q, k, v = self.qkv(x).split(dim, dim=2)
+        else:
+            q = F.linear(query, self.qkv.weight[:dim], self.qkv.bias[:dim])
+            k, v = F.linear(x, self.qkv.weight[dim:], self.qkv.bias[dim:]).chunk(2, dim=2)
         queries = q.size(1)
         head_dim = dim // self.heads
         q = q.reshape(batch, queries, self.heads, head_dim).transpose(1, 2)
         k = k.reshape(batch, length, self.heads, head_dim).transpose(1, 2)
         v = v.reshape(batch, length, self.heads, head_dim).transpose(1, 2)
         drop = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=drop)
+        # Items first, padding after: the causal mask alone keeps every item's query off
+        # the padding, so no mask tensor is built and the kernel skips the masked half.
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=key_mask, dropout_p=drop, is_causal=query is None
+        )
         out: Tensor = self.out(y.transpose(1, 2).reshape(batch, queries, dim))
         return out
 
@@ -60,13 +67,17 @@ class Block(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def forward(
-        self, x: Tensor, attn_mask: Tensor, keep: Tensor, last_only: bool = False
+        self, x: Tensor, keep: Tensor, newest: Tensor | None = None, key_mask: Tensor | None = None
     ) -> Tensor:
-        """[B, L, dim] to [B, L, dim], or to [B, 1, dim] (the newest position) with
-        ``last_only``, with ``attn_mask`` and ``keep`` cut to that position."""
-        attended = self.attn(self.norm1(x), attn_mask, last_only)
-        if last_only:
-            x = x[:, -1:]
+        """Right-padded [B, L, dim] to [B, L, dim]; with ``newest`` (each row's newest
+        position, [B, 1, dim] gather indices) and ``key_mask``, only that position,
+        [B, 1, dim], and ``keep`` is that position's."""
+        normed = self.norm1(x)
+        if newest is None:
+            attended = self.attn(normed, None, None)
+        else:
+            attended = self.attn(normed, normed.gather(1, newest), key_mask)
+            x = x.gather(1, newest)
         x = x + self.drop(attended)
         x = x + self.drop(self.ffn(self.norm2(x)))
         return x * keep
@@ -110,32 +121,37 @@ class SASRec(nn.Module):
             self.item_emb.weight[0].zero_()
 
     def forward(self, seqs: Tensor, last_only: bool = False) -> Tensor:
-        """Left-padded item indices [B, L] (L <= max_len) to hidden states [B, L, dim];
-        with ``last_only``, [B, 1, dim] for the newest position, and the last block skips
-        every other query (~40% less work at L = 200)."""
-        length = seqs.size(1)
-        real = seqs != 0
-        keep = real.unsqueeze(-1).to(self.item_emb.weight.dtype)
+        """Left-padded item indices [B, L] (L <= max_len; padding only before the items)
+        to hidden states [B, L, dim]; with ``last_only``, [B, 1, dim] for the newest
+        position, and the last block skips every other query (~40% less work at L = 200)."""
+        batch, length = seqs.shape
+        lengths = (seqs != 0).sum(dim=1)
+        cols = torch.arange(length, device=seqs.device)
+        # Rotate each row so its items come first and its padding after: causal
+        # attention then needs no padding mask (see CausalSelfAttention).
+        shift = (length - lengths).unsqueeze(1)
+        seqs = seqs.gather(1, (cols + shift) % length)
+        keep = (seqs != 0).unsqueeze(-1).to(self.item_emb.weight.dtype)
         # Positions count from the oldest item in the window, whatever the padding: for a
         # history shorter than the window they say how far into it the user is (first
         # items differ: sign-up pages, popular picks).
-        positions = (real.long().cumsum(dim=1) - 1).clamp(min=0)
-        x = self.item_emb(seqs) * self.scale + self.pos_emb(positions)
+        x = self.item_emb(seqs) * self.scale + self.pos_emb(cols)
         x = self.emb_drop(x) * keep
-        # Causal, and padding never serves as a key; the diagonal stays open so that
-        # rows of padding still have one key and produce no NaN.
-        causal = torch.ones(length, length, dtype=torch.bool, device=seqs.device).tril()
-        eye = torch.eye(length, dtype=torch.bool, device=seqs.device)
-        attn_mask = (causal & (seqs != 0).unsqueeze(1)) | eye
-        attn_mask = attn_mask.unsqueeze(1)
         last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
             if last_only and i == last:
-                x = block(x, attn_mask[:, :, -1:], keep[:, -1:], True)
+                at = (lengths - 1).clamp(min=0).view(batch, 1, 1)
+                # The newest item sees every item; an empty row sees its first column.
+                key_mask = (cols <= at.view(batch, 1)).view(batch, 1, 1, length)
+                newest = at.expand(batch, 1, x.size(2))
+                x = block(x, keep.gather(1, at), newest, key_mask)
             else:
-                x = block(x, attn_mask, keep)
+                x = block(x, keep)
         hidden: Tensor = self.final_norm(x)
-        return hidden
+        if last_only:
+            return hidden
+        # Back to the caller's left padding.
+        return hidden.gather(1, ((cols - shift) % length).unsqueeze(-1).expand_as(hidden))
 
     def encode(self, seqs: Tensor) -> Tensor:
         """The user representation: hidden state at the newest position, [B, dim]."""

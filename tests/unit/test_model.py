@@ -55,6 +55,39 @@ def test_encode_computes_only_the_newest_position_with_the_same_result(heads: in
         assert torch.allclose(model.encode(seqs), model(seqs)[:, -1, :], atol=1e-5)
 
 
+def reference_hidden(model: SASRec, items: list[int]) -> torch.Tensor:
+    """Hidden states of one unpadded sequence, written out step by step with an explicit
+    causal mask: an independent check of the batched path."""
+    x = model.item_emb(torch.tensor(items)) * model.scale + model.pos_emb.weight[: len(items)]
+    causal = torch.ones(len(items), len(items), dtype=torch.bool).tril()
+    for block in model.blocks:
+        attn = block.attn
+        q, k, v = attn.qkv(block.norm1(x)).split(model.dim, dim=1)
+        heads = []
+        for h in range(attn.heads):
+            cols = slice(h * model.dim // attn.heads, (h + 1) * model.dim // attn.heads)
+            scores = q[:, cols] @ k[:, cols].T / (model.dim // attn.heads) ** 0.5
+            heads.append(scores.masked_fill(~causal, float("-inf")).softmax(-1) @ v[:, cols])
+        x = x + attn.out(torch.cat(heads, dim=1))
+        x = x + block.ffn(block.norm2(x))
+    return model.final_norm(x)
+
+
+@pytest.mark.parametrize("heads", [1, 2])
+def test_batched_left_padded_hidden_states_match_a_step_by_step_reference(heads: int) -> None:
+    torch.manual_seed(3)
+    model = SASRec(num_items=50, max_len=12, dim=16, blocks=2, heads=heads, dropout=0.0).eval()
+    sequences = [s[-12:] for s in random_sequences(12, 50, 12, seed=4)]
+    padded = torch.from_numpy(pad_left(sequences, 12))
+    with torch.no_grad():
+        hidden = model(padded)
+        users = model.encode(padded)
+        for row, items in enumerate(sequences):
+            expected = reference_hidden(model, items.tolist())
+            assert torch.allclose(hidden[row, -len(items) :], expected, atol=1e-5)
+            assert torch.allclose(users[row], expected[-1], atol=1e-5)
+
+
 def test_causal_future_items_do_not_leak_into_earlier_positions() -> None:
     model = tiny_model()
     a = torch.tensor([[0, 1, 2, 3, 4]])
