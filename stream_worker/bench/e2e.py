@@ -12,7 +12,9 @@ interpreter), and measures:
   published (its record timestamp, stamped as the worker hands it to its producer):
   the difference is the output's trip through the broker to a consumer;
 - the worker's per-batch stage times, scraped from its ``/metrics``;
-- the worker's peak RSS.
+- the worker's peak RSS;
+- the CPU each process (worker, broker, producer, collector) used during the timed
+  replay, in cores: on a small machine the load generator competes with the worker.
 
 Offered load 0 means unthrottled: the events are loaded into the topic first and the
 worker drains them. In the same run a bare aiokafka consume -> decode -> produce loop
@@ -47,6 +49,7 @@ DATASETS = {
     "ml-1m": "ml-1m/ml-1m_sasrec_reconstructed.txt",
 }
 STAGES = ("decode", "db", "encode", "search", "rank", "publish", "commit")
+PROCESSES = ("worker", "broker", "producer", "collector")
 
 
 @dataclass
@@ -80,6 +83,7 @@ class LoadResult:
     mean_batch: float
     stage_ms: dict[str, float] = field(default_factory=dict)  # mean per batch
     worker_peak_rss_mb: float = 0.0
+    cpu_cores: dict[str, float] = field(default_factory=dict)  # CPU s / wall s, per process
 
 
 @dataclass
@@ -116,6 +120,31 @@ def event_latencies(
             out[i] = received - sent_ms[i]
         covered[user] = max(covered[user], upto)
     return out
+
+
+def proc_cpu_seconds(stat: str, ticks_per_s: float) -> float:
+    """User + system CPU seconds from the text of ``/proc/<pid>/stat``."""
+    # The command name (field 2) may hold spaces and parentheses: fields after it are
+    # counted from the last ')'; utime and stime are fields 14 and 15.
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / ticks_per_s
+
+
+def _cpu_seconds(pid: int | None) -> float:
+    if pid is None:
+        return float("nan")
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return float("nan")
+    return proc_cpu_seconds(stat, os.sysconf("SC_CLK_TCK"))
+
+
+def _own_cpu_seconds() -> float:
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)  # every thread of this process
+    return usage.ru_utime + usage.ru_stime
 
 
 def stage_means(metrics_text: str) -> tuple[int, float, dict[str, float]]:
@@ -178,9 +207,11 @@ def summarise(
 # ------------------------------------------------------------------- helper processes
 
 
-def _produce(bootstrap: str, topic: str, replay: Replay, rate: float, out: str, ready: Any) -> None:
+def _produce(
+    bootstrap: str, topic: str, replay: Replay, rate: float, out: str, ready: Any, cpu: Any
+) -> None:
     """Send every event (paced at ``rate`` per second, 0 = as fast as possible) and save
-    the wall-clock send time of each."""
+    the wall-clock send time of each; ``cpu`` gets the CPU seconds spent sending."""
     from kafka import KafkaProducer
 
     from stream_worker.events import event_value
@@ -190,6 +221,7 @@ def _produce(bootstrap: str, topic: str, replay: Replay, rate: float, out: str, 
     )
     sent = np.zeros(len(replay))
     ready.wait()
+    cpu_start = _own_cpu_seconds()
     start = time.perf_counter()
     for i in range(len(replay)):
         if rate > 0:
@@ -202,16 +234,23 @@ def _produce(bootstrap: str, topic: str, replay: Replay, rate: float, out: str, 
         producer.send(topic, key=user.encode(), value=value)
         sent[i] = now
     producer.flush()
+    cpu.value = _own_cpu_seconds() - cpu_start
     producer.close()
     np.save(out, sent)
 
 
 def _collect(
-    bootstrap: str, topics: list[str], final_events: list[int], out: str, idle_s: float
+    bootstrap: str,
+    topics: list[str],
+    final_events: list[int],
+    out: str,
+    idle_s: float,
+    started: Any,
+    cpu: Any,
 ) -> None:
     """Record ``(event index, receive ms, record timestamp ms)`` of every recommendation
     and dead letter until each user's last event is covered, or nothing arrived for
-    ``idle_s``."""
+    ``idle_s``; ``cpu`` gets the CPU seconds spent after ``started`` is set."""
     import base64
 
     from kafka import KafkaConsumer
@@ -227,8 +266,11 @@ def _collect(
     )
     rows: list[tuple[int, float, float]] = []
     last = time.monotonic()
+    cpu_start = None
     try:
         while pending and time.monotonic() - last < idle_s:
+            if cpu_start is None and started.is_set():
+                cpu_start = _own_cpu_seconds()
             polled = consumer.poll(timeout_ms=50)
             now = time.time() * 1000
             for tp, records in polled.items():
@@ -243,6 +285,7 @@ def _collect(
                     pending.discard(index)
                     last = time.monotonic()
     finally:
+        cpu.value = _own_cpu_seconds() - (cpu_start or 0.0)
         consumer.close()
     np.save(out, np.array(rows, dtype=np.float64).reshape(-1, 3))
 
@@ -357,6 +400,7 @@ class Bench:
     database_url: str | None = None
     idle_s: float = 30.0
     settle_s: float = 5.0
+    broker_pid: int | None = None  # for its CPU figure; None for an external broker
 
     def _topics(self, tag: str, kinds: Sequence[str]) -> dict[str, str]:
         """Fresh topics for one run, one per kind (events, recs, dlq, bare)."""
@@ -418,10 +462,19 @@ class Bench:
         url = self._database(tag)
         files = {k: str(self.workdir / f"{tag}-{k}.npy") for k in ("sent", "answers")}
         last_of_user: dict[str, int] = {u: i for i, u in enumerate(replay.users)}
-        go = ctx.Event()
+        go, timed = ctx.Event(), ctx.Event()
+        cpu = {name: ctx.Value("d", 0.0) for name in ("producer", "collector")}
         producer = ctx.Process(
             target=_produce,
-            args=(self.bootstrap, topics["events"], replay, rate, files["sent"], go),
+            args=(
+                self.bootstrap,
+                topics["events"],
+                replay,
+                rate,
+                files["sent"],
+                go,
+                cpu["producer"],
+            ),
         )
         collector = ctx.Process(
             target=_collect,
@@ -431,12 +484,14 @@ class Bench:
                 sorted(last_of_user.values()),
                 files["answers"],
                 self.idle_s,
+                timed,
+                cpu["collector"],
             ),
         )
         producer.start()
         if rate == 0:  # preload, then let the worker drain the backlog
             go.set()
-            producer.join()
+            _join(producer, "producer")
         worker, port = self._start_worker(topics, url, tag)
         try:
             collector.start()
@@ -444,8 +499,14 @@ class Bench:
             # fetches of every partition follow; the timed replay starts after them.
             time.sleep(self.settle_s)
             go.set()
-            producer.join()
-            collector.join()
+            timed.set()
+            pids = {"worker": worker.pid, "broker": self.broker_pid}
+            before = {name: _cpu_seconds(pid) for name, pid in pids.items()}
+            window_start = time.monotonic()
+            _join(producer, "producer")
+            _join(collector, "collector")
+            window = time.monotonic() - window_start
+            used = {name: _cpu_seconds(pid) - before[name] for name, pid in pids.items()}
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
                 metrics_text = resp.read().decode()
             peak_rss = _peak_rss_mb(worker.pid)
@@ -466,6 +527,10 @@ class Bench:
         result = summarise(replay.name, rate, latencies, first, last, to_publish)
         result.batches, result.mean_batch, result.stage_ms = stage_means(metrics_text)
         result.worker_peak_rss_mb = peak_rss
+        # A preloaded (unthrottled) replay was sent before the timed window.
+        used["producer"] = cpu["producer"].value if rate else 0.0
+        used["collector"] = cpu["collector"].value
+        result.cpu_cores = {name: round(used[name] / window, 2) for name in PROCESSES}
         np.save(self.workdir / f"{tag}-latency.npy", latencies)
         if self.database_url is None:
             Path(url.removeprefix("sqlite:///")).unlink(missing_ok=True)
@@ -479,22 +544,29 @@ class Bench:
         out = str(self.workdir / f"{replay.name}-bare.npy")
         go = ctx.Event()
         go.set()
+        cpu = ctx.Value("d", 0.0)  # held here: a started Process drops its arguments
         producer = ctx.Process(
-            target=_produce, args=(self.bootstrap, topics["events"], replay, 0.0, sent, go)
+            target=_produce, args=(self.bootstrap, topics["events"], replay, 0.0, sent, go, cpu)
         )
         producer.start()
-        producer.join()
+        _join(producer, "producer")
         loop = ctx.Process(
             target=_bare_loop,
             args=(self.bootstrap, topics["events"], topics["bare"], len(replay), out),
         )
         loop.start()
-        loop.join()
+        _join(loop, "bare loop")
         done, seconds = np.load(out)
         return BareResult(
             f"bare aiokafka loop ({replay.name})", int(done), round(float(seconds), 2),
             round(float(done / seconds), 1),
         )  # fmt: skip
+
+
+def _join(process: Any, name: str) -> None:
+    process.join()
+    if process.exitcode != 0:  # its traceback is on stderr above
+        raise WorkerError(f"the benchmark's {name} process failed (exit code {process.exitcode})")
 
 
 def _peak_rss_mb(pid: int) -> float:
@@ -543,6 +615,19 @@ def format_stages(results: Sequence[LoadResult]) -> str:
             for s in STAGES
         ]
         offered = "unthrottled" if r.offered == 0 else f"{r.offered:,.0f}"
+        lines.append(f"| {r.dataset} | {offered} | " + " | ".join(cells) + f" | {total:.2f} |")
+    return "\n".join(lines)
+
+
+def format_cpu(results: Sequence[LoadResult]) -> str:
+    lines = [
+        "| dataset | offered ev/s | " + " | ".join(PROCESSES) + " | all |",
+        "|---|---|" + "---|" * (len(PROCESSES) + 1),
+    ]
+    for r in results:
+        cells = [f"{r.cpu_cores.get(p, float('nan')):.2f}" for p in PROCESSES]
+        offered = "unthrottled" if r.offered == 0 else f"{r.offered:,.0f}"
+        total = sum(v for v in r.cpu_cores.values() if not np.isnan(v))
         lines.append(f"| {r.dataset} | {offered} | " + " | ".join(cells) + f" | {total:.2f} |")
     return "\n".join(lines)
 
@@ -609,6 +694,7 @@ def run_e2e(
             bench = Bench(
                 broker.bootstrap_servers, work, artifacts,
                 worker_env=worker_env or {}, database_url=database_url,
+                broker_pid=getattr(broker, "pid", None),
             )  # fmt: skip
             logger.info("%s: %d events, %d users", name, len(replay), len(set(replay.users)))
             bare.append(bench.run_bare(replay))
@@ -635,6 +721,10 @@ def run_e2e(
     report += f"; worker settings: {overrides or 'defaults'}.\n\n"
     report += format_loads(results, bare) + "\n\nMean ms per batch by stage (share):\n\n"
     report += format_stages(results)
+    report += (
+        f"\n\nCPU in use during the timed replay, in cores (this machine has {os.cpu_count()}):\n\n"
+    )
+    report += format_cpu(results)
     (out_dir / "e2e.md").write_text(report + "\n")
     return report
 

@@ -1,5 +1,6 @@
 """The end-to-end benchmark harness against the real broker, worker and SQLite."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,10 @@ def test_every_event_is_answered_and_measured_against_the_bare_loop(
         [c.event_type for c in clicks],
     )
     publish_bench_model(replay, tmp_path / "artifacts", max_len=20)
-    bench = Bench(broker.bootstrap_servers, tmp_path, tmp_path / "artifacts", partitions=2)
+    bench = Bench(
+        broker.bootstrap_servers, tmp_path, tmp_path / "artifacts", partitions=2,
+        broker_pid=broker.pid,
+    )  # fmt: skip
 
     bare = bench.run_bare(replay)
     assert bare.events == len(replay) and bare.events_per_s > 0
@@ -36,3 +40,6 @@ def test_every_event_is_answered_and_measured_against_the_bare_loop(
     assert result.batches >= 1 and result.mean_batch >= 1
     assert {"decode", "db", "encode", "search", "publish"} <= set(result.stage_ms)
     assert result.worker_peak_rss_mb > 0
+    # Every process did work during the replay, and none used more than the machine has.
+    assert set(result.cpu_cores) == {"worker", "broker", "producer", "collector"}
+    assert all(0 < cores <= (os.cpu_count() or 1) for cores in result.cpu_cores.values())

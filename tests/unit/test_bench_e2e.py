@@ -8,8 +8,10 @@ from stream_worker.bench.e2e import (
     BareResult,
     LoadResult,
     event_latencies,
+    format_cpu,
     format_loads,
     format_stages,
+    proc_cpu_seconds,
     stage_means,
     summarise,
 )
@@ -55,3 +57,14 @@ def test_summary_and_tables() -> None:
     assert "| 8.0 / 12.9 |" in loads
     assert "75%" in format_stages([result])  # encode's share of the batch time
     assert isinstance(result, LoadResult)
+
+
+def test_cpu_seconds_are_read_past_a_command_name_with_spaces_and_parentheses() -> None:
+    stat = "4242 (my (odd) name) S 1 4242 4242 0 -1 4194560 500 0 0 0 250 50 0 0 20 0 3 0"
+    assert proc_cpu_seconds(stat, 100.0) == 3.0  # (250 + 50) ticks at 100 per second
+
+
+def test_cpu_table_sums_the_processes() -> None:
+    result = summarise("ml-1m", 0, np.array([1.0]), 0.0, 1.0, np.array([1.0]))
+    result.cpu_cores = {"worker": 0.9, "broker": 0.4, "producer": 0.0, "collector": 0.2}
+    assert "| ml-1m | unthrottled | 0.90 | 0.40 | 0.00 | 0.20 | 1.50 |" in format_cpu([result])
