@@ -399,6 +399,15 @@ def bench_e2e(
     index_factory: Annotated[
         str, typer.Option(help="FAISS factory of the benchmark model's index.")
     ] = "Flat",
+    load_nice: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            max=19,
+            help="Niceness of the producer and collector processes, so that they yield "
+            "the CPU to the worker and the broker.",
+        ),
+    ] = 10,
     out: BenchOutOpt = Path("bench-out/e2e"),
 ) -> None:
     """Replay real events through a broker into one worker; throughput, latency, stages."""
@@ -419,6 +428,7 @@ def bench_e2e(
         database_url=database_url,
         rated_seconds=rated_seconds,
         index_factory=index_factory,
+        load_nice=load_nice,
     )
     typer.echo(report)
 

@@ -1,6 +1,10 @@
 """Prometheus metrics of one worker, on a registry of its own (no import-time globals)."""
 
+import gc
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 
@@ -55,12 +59,35 @@ class WorkerMetrics:
         self.version = Info(
             "recstream_serving", "The model and index versions serving.", registry=r
         )
+        self.gc_pause_ms = Histogram(
+            "recstream_gc_pause_ms",
+            "Garbage-collector pauses by generation (2: full), milliseconds; every thread "
+            "waits for them.",
+            ["generation"],
+            buckets=MS_BUCKETS,
+            registry=r,
+        )
         self.last_batch_ts = Gauge(
             "recstream_last_batch_timestamp_seconds", "When the last batch finished.", registry=r
         )
 
     def set_version(self, model_version: str, index_version: str) -> None:
         self.version.info({"model_version": model_version, "index_version": index_version})
+
+    def watch_gc(self) -> Callable[[], None]:
+        """Record every garbage collection's pause from now on; returns the function
+        that stops recording."""
+        started: list[float] = []
+
+        def callback(phase: str, info: dict[str, Any]) -> None:
+            if phase == "start":
+                started.append(time.perf_counter())
+            elif started:
+                pause = (time.perf_counter() - started.pop()) * 1000
+                self.gc_pause_ms.labels(str(info["generation"])).observe(pause)
+
+        gc.callbacks.append(callback)
+        return lambda: gc.callbacks.remove(callback)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

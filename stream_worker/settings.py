@@ -149,6 +149,11 @@ class WorkerSettings(BaseModel):
         description="Longest broker long-poll per fetch; brokers that hold fetches until "
         "it (tansu) make it a latency floor (p99 370 -> 112 ms at 2,000 events/s, 50 -> 10).",
     )
+    gc_freeze: bool = Field(
+        True,
+        description="Move what start-up loaded (libraries, model, index) out of the garbage "
+        "collector's sight: a full collection then scans only what batches allocate.",
+    )
     web_port: int = Field(6066, ge=0, le=65535, description="Health and metrics HTTP port.")
     data_dir: Path = Path("var/worker")
 

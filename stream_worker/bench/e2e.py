@@ -84,6 +84,8 @@ class LoadResult:
     stage_ms: dict[str, float] = field(default_factory=dict)  # mean per batch
     worker_peak_rss_mb: float = 0.0
     cpu_cores: dict[str, float] = field(default_factory=dict)  # CPU s / wall s, per process
+    full_gcs: int = 0  # the worker's full (generation 2) collections
+    full_gc_ms: float = 0.0  # and their pauses, in all
 
 
 @dataclass
@@ -147,6 +149,22 @@ def _own_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def full_gc_pauses(metrics_text: str) -> tuple[int, float]:
+    """Full (generation 2) garbage collections and their pauses in ms, from /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    count, total = 0.0, 0.0
+    for family in text_string_to_metric_families(metrics_text):
+        for sample in family.samples:
+            if sample.labels.get("generation") != "2":
+                continue
+            if sample.name == "recstream_gc_pause_ms_count":
+                count = sample.value
+            elif sample.name == "recstream_gc_pause_ms_sum":
+                total = sample.value
+    return int(count), total
+
+
 def stage_means(metrics_text: str) -> tuple[int, float, dict[str, float]]:
     """Batches, mean batch size and mean ms per batch of each stage, from /metrics."""
     from prometheus_client.parser import text_string_to_metric_families
@@ -208,11 +226,20 @@ def summarise(
 
 
 def _produce(
-    bootstrap: str, topic: str, replay: Replay, rate: float, out: str, ready: Any, cpu: Any
+    bootstrap: str,
+    topic: str,
+    replay: Replay,
+    rate: float,
+    out: str,
+    ready: Any,
+    cpu: Any,
+    nice: int = 0,
 ) -> None:
     """Send every event (paced at ``rate`` per second, 0 = as fast as possible) and save
     the wall-clock send time of each; ``cpu`` gets the CPU seconds spent sending."""
     from kafka import KafkaProducer
+
+    os.nice(nice)
 
     from stream_worker.events import event_value
 
@@ -247,6 +274,7 @@ def _collect(
     idle_s: float,
     started: Any,
     cpu: Any,
+    nice: int = 0,
 ) -> None:
     """Record ``(event index, receive ms, record timestamp ms)`` of every recommendation
     and dead letter until each user's last event is covered, or nothing arrived for
@@ -255,6 +283,7 @@ def _collect(
 
     from kafka import KafkaConsumer
 
+    os.nice(nice)
     pending = set(final_events)
     consumer = KafkaConsumer(
         *topics,
@@ -401,6 +430,9 @@ class Bench:
     idle_s: float = 30.0
     settle_s: float = 5.0
     broker_pid: int | None = None  # for its CPU figure; None for an external broker
+    # The producer and collector yield the CPU to the worker and the broker, as a load
+    # generator on other machines would; their own delays still count as latency.
+    load_nice: int = 10
 
     def _topics(self, tag: str, kinds: Sequence[str]) -> dict[str, str]:
         """Fresh topics for one run, one per kind (events, recs, dlq, bare)."""
@@ -474,6 +506,7 @@ class Bench:
                 files["sent"],
                 go,
                 cpu["producer"],
+                self.load_nice,
             ),
         )
         collector = ctx.Process(
@@ -486,6 +519,7 @@ class Bench:
                 self.idle_s,
                 timed,
                 cpu["collector"],
+                self.load_nice,
             ),
         )
         producer.start()
@@ -493,16 +527,21 @@ class Bench:
             go.set()
             _join(producer, "producer")
         worker, port = self._start_worker(topics, url, tag)
+        pids = {"worker": worker.pid, "broker": self.broker_pid}
         try:
+            if rate == 0:  # the worker drains the backlog from the moment it joins
+                timed.set()
+                before = {name: _cpu_seconds(pid) for name, pid in pids.items()}
+                window_start = time.monotonic()
             collector.start()
-            # Joining the group is not the end of start-up: offset resets and the first
-            # fetches of every partition follow; the timed replay starts after them.
-            time.sleep(self.settle_s)
-            go.set()
-            timed.set()
-            pids = {"worker": worker.pid, "broker": self.broker_pid}
-            before = {name: _cpu_seconds(pid) for name, pid in pids.items()}
-            window_start = time.monotonic()
+            if rate > 0:
+                # Joining the group is not the end of start-up: offset resets and the
+                # first fetches of every partition follow; the timed replay starts after.
+                time.sleep(self.settle_s)
+                go.set()
+                timed.set()
+                before = {name: _cpu_seconds(pid) for name, pid in pids.items()}
+                window_start = time.monotonic()
             _join(producer, "producer")
             _join(collector, "collector")
             window = time.monotonic() - window_start
@@ -526,6 +565,7 @@ class Bench:
         last = float(answers[:, 1].max()) if len(answers) else first
         result = summarise(replay.name, rate, latencies, first, last, to_publish)
         result.batches, result.mean_batch, result.stage_ms = stage_means(metrics_text)
+        result.full_gcs, result.full_gc_ms = full_gc_pauses(metrics_text)
         result.worker_peak_rss_mb = peak_rss
         # A preloaded (unthrottled) replay was sent before the timed window.
         used["producer"] = cpu["producer"].value if rate else 0.0
@@ -621,14 +661,18 @@ def format_stages(results: Sequence[LoadResult]) -> str:
 
 def format_cpu(results: Sequence[LoadResult]) -> str:
     lines = [
-        "| dataset | offered ev/s | " + " | ".join(PROCESSES) + " | all |",
-        "|---|---|" + "---|" * (len(PROCESSES) + 1),
+        "| dataset | offered ev/s | " + " | ".join(PROCESSES) + " | all "
+        "| worker's full GCs (ms in all) |",
+        "|---|---|" + "---|" * (len(PROCESSES) + 2),
     ]
     for r in results:
         cells = [f"{r.cpu_cores.get(p, float('nan')):.2f}" for p in PROCESSES]
         offered = "unthrottled" if r.offered == 0 else f"{r.offered:,.0f}"
         total = sum(v for v in r.cpu_cores.values() if not np.isnan(v))
-        lines.append(f"| {r.dataset} | {offered} | " + " | ".join(cells) + f" | {total:.2f} |")
+        gcs = f"{r.full_gcs} ({r.full_gc_ms:,.0f})"
+        lines.append(
+            f"| {r.dataset} | {offered} | " + " | ".join(cells) + f" | {total:.2f} | {gcs} |"
+        )
     return "\n".join(lines)
 
 
@@ -672,6 +716,7 @@ def run_e2e(
     max_len: int = 200,
     rated_seconds: float = 20.0,
     index_factory: str = "Flat",
+    load_nice: int = 10,
 ) -> str:
     """Run every dataset at every offered load; write JSON, PNG and markdown; return it.
 
@@ -694,7 +739,7 @@ def run_e2e(
             bench = Bench(
                 broker.bootstrap_servers, work, artifacts,
                 worker_env=worker_env or {}, database_url=database_url,
-                broker_pid=getattr(broker, "pid", None),
+                broker_pid=getattr(broker, "pid", None), load_nice=load_nice,
             )  # fmt: skip
             logger.info("%s: %d events, %d users", name, len(replay), len(set(replay.users)))
             bare.append(bench.run_bare(replay))
@@ -718,7 +763,8 @@ def run_e2e(
     }
     overrides = ", ".join(f"{k}={v}" for k, v in sorted(settings.items()))
     report = f"Model: untrained SASRec, max_len {max_len}; index {index_factory}"
-    report += f"; worker settings: {overrides or 'defaults'}.\n\n"
+    report += f"; worker settings: {overrides or 'defaults'}"
+    report += f"; producer and collector at nice {load_nice}.\n\n"
     report += format_loads(results, bare) + "\n\nMean ms per batch by stage (share):\n\n"
     report += format_stages(results)
     report += (

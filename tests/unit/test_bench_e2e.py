@@ -1,5 +1,6 @@
 """Pure parts of the end-to-end benchmark: latency attribution, metrics, tables."""
 
+import gc
 import math
 
 import numpy as np
@@ -11,6 +12,7 @@ from stream_worker.bench.e2e import (
     format_cpu,
     format_loads,
     format_stages,
+    full_gc_pauses,
     proc_cpu_seconds,
     stage_means,
     summarise,
@@ -67,4 +69,20 @@ def test_cpu_seconds_are_read_past_a_command_name_with_spaces_and_parentheses() 
 def test_cpu_table_sums_the_processes() -> None:
     result = summarise("ml-1m", 0, np.array([1.0]), 0.0, 1.0, np.array([1.0]))
     result.cpu_cores = {"worker": 0.9, "broker": 0.4, "producer": 0.0, "collector": 0.2}
-    assert "| ml-1m | unthrottled | 0.90 | 0.40 | 0.00 | 0.20 | 1.50 |" in format_cpu([result])
+    result.full_gcs, result.full_gc_ms = 2, 301.0
+    table = format_cpu([result])
+    assert "| ml-1m | unthrottled | 0.90 | 0.40 | 0.00 | 0.20 | 1.50 | 2 (301) |" in table
+
+
+def test_full_collections_are_recorded_apart_from_young_ones() -> None:
+    metrics = WorkerMetrics()
+    stop = metrics.watch_gc()
+    try:
+        gc.collect(0)
+        gc.collect()
+        gc.collect()
+    finally:
+        stop()
+    gc.collect()  # not recorded any more
+    count, total_ms = full_gc_pauses(metrics.exposition().decode())
+    assert count == 2 and total_ms > 0
