@@ -33,6 +33,7 @@ def test_every_event_is_answered_and_measured_against_the_bare_loop(
 
     result = bench.run_load(replay, rate=400)
     assert (result.events, result.answered) == (len(replay), len(replay))
+    assert 200 < result.sent_per_s < 600  # paced at 400 events/s
     assert 0 < result.p50_ms <= result.p95_ms <= result.p99_ms <= result.max_ms
     # Published (record timestamp) before received, and after the event was sent.
     assert 0 < result.publish_p50_ms <= result.p50_ms

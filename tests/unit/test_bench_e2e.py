@@ -54,8 +54,9 @@ def test_summary_and_tables() -> None:
     assert result.p50_ms == 10.0
     assert (result.publish_p50_ms, result.publish_p99_ms) == (8.0, 12.9)
     result.stage_ms = {"db": 1.0, "encode": 3.0}
+    result.sent_per_s = 1990.0  # the producer fell a little behind the offered load
     loads = format_loads([result], [BareResult("bare aiokafka loop (taobao)", 10, 1.0, 10.0)])
-    assert "| taobao | 2,000 | 3/4 | 2 | 20% |" in loads
+    assert "| taobao | 2,000 | 1,990 | 3/4 | 2 | 20% |" in loads
     assert "| 8.0 / 12.9 |" in loads
     assert "75%" in format_stages([result])  # encode's share of the batch time
     assert isinstance(result, LoadResult)
