@@ -565,7 +565,7 @@ class Bench:
         first = float(sent.min()) if rate else float(answers[:, 1].min()) if len(answers) else 0
         last = float(answers[:, 1].max()) if len(answers) else first
         result = summarise(replay.name, rate, latencies, first, last, to_publish)
-        result.sent_per_s = round(len(sent) / max((sent.max() - sent.min()) / 1000, 1e-3), 1)
+        result.sent_per_s = round(float(len(sent) / max((sent.max() - sent.min()) / 1000, 1e-3)), 1)
         result.batches, result.mean_batch, result.stage_ms = stage_means(metrics_text)
         result.full_gcs, result.full_gc_ms = full_gc_pauses(metrics_text)
         result.worker_peak_rss_mb = peak_rss
