@@ -84,8 +84,8 @@ class LoadResult:
     stage_ms: dict[str, float] = field(default_factory=dict)  # mean per batch
     worker_peak_rss_mb: float = 0.0
     cpu_cores: dict[str, float] = field(default_factory=dict)  # CPU s / wall s, per process
-    full_gcs: int = 0  # the worker's full (generation 2) collections
     sent_per_s: float = 0.0  # the rate the producer achieved (below ``offered`` if starved)
+    full_gcs: int = 0  # the worker's full (generation 2) collections
     full_gc_ms: float = 0.0  # and their pauses, in all
 
 
@@ -240,10 +240,9 @@ def _produce(
     the wall-clock send time of each; ``cpu`` gets the CPU seconds spent sending."""
     from kafka import KafkaProducer
 
-    os.nice(nice)
-
     from stream_worker.events import event_value
 
+    os.nice(nice)
     producer = KafkaProducer(
         bootstrap_servers=bootstrap, linger_ms=2, batch_size=256 * 1024, acks=1
     )
@@ -530,19 +529,17 @@ class Bench:
         worker, port = self._start_worker(topics, url, tag)
         pids = {"worker": worker.pid, "broker": self.broker_pid}
         try:
-            if rate == 0:  # the worker drains the backlog from the moment it joins
-                timed.set()
-                before = {name: _cpu_seconds(pid) for name, pid in pids.items()}
-                window_start = time.monotonic()
             collector.start()
             if rate > 0:
                 # Joining the group is not the end of start-up: offset resets and the
                 # first fetches of every partition follow; the timed replay starts after.
                 time.sleep(self.settle_s)
                 go.set()
-                timed.set()
-                before = {name: _cpu_seconds(pid) for name, pid in pids.items()}
-                window_start = time.monotonic()
+            # Timed from here: the replay starts, or (preloaded) the worker has been
+            # draining the backlog since it joined.
+            timed.set()
+            before = {name: _cpu_seconds(pid) for name, pid in pids.items()}
+            window_start = time.monotonic()
             _join(producer, "producer")
             _join(collector, "collector")
             window = time.monotonic() - window_start
@@ -565,7 +562,8 @@ class Bench:
         first = float(sent.min()) if rate else float(answers[:, 1].min()) if len(answers) else 0
         last = float(answers[:, 1].max()) if len(answers) else first
         result = summarise(replay.name, rate, latencies, first, last, to_publish)
-        result.sent_per_s = round(float(len(sent) / max((sent.max() - sent.min()) / 1000, 1e-3)), 1)
+        sending_s = max(float(sent.max() - sent.min()) / 1000, 1e-3)
+        result.sent_per_s = round(len(sent) / sending_s, 1)
         result.batches, result.mean_batch, result.stage_ms = stage_means(metrics_text)
         result.full_gcs, result.full_gc_ms = full_gc_pauses(metrics_text)
         result.worker_peak_rss_mb = peak_rss
