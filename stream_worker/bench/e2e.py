@@ -32,7 +32,7 @@ import sys
 import time
 import urllib.request
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -150,39 +150,41 @@ def _own_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def full_gc_pauses(metrics_text: str) -> tuple[int, float]:
-    """Full (generation 2) garbage collections and their pauses in ms, from /metrics."""
+def _samples(metrics_text: str) -> Iterator[Any]:
+    """Every sample of a Prometheus text exposition."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    count, total = 0.0, 0.0
     for family in text_string_to_metric_families(metrics_text):
-        for sample in family.samples:
-            if sample.labels.get("generation") != "2":
-                continue
-            if sample.name == "recstream_gc_pause_ms_count":
-                count = sample.value
-            elif sample.name == "recstream_gc_pause_ms_sum":
-                total = sample.value
+        yield from family.samples
+
+
+def full_gc_pauses(metrics_text: str) -> tuple[int, float]:
+    """Full (generation 2) garbage collections and their pauses in ms, from /metrics."""
+    count, total = 0.0, 0.0
+    for sample in _samples(metrics_text):
+        if sample.labels.get("generation") != "2":
+            continue
+        if sample.name == "recstream_gc_pause_ms_count":
+            count = sample.value
+        elif sample.name == "recstream_gc_pause_ms_sum":
+            total = sample.value
     return int(count), total
 
 
 def stage_means(metrics_text: str) -> tuple[int, float, dict[str, float]]:
     """Batches, mean batch size and mean ms per batch of each stage, from /metrics."""
-    from prometheus_client.parser import text_string_to_metric_families
-
     sums: dict[str, float] = {}
     counts: dict[str, float] = {}
     batches, records = 0.0, 0.0
-    for family in text_string_to_metric_families(metrics_text):
-        for sample in family.samples:
-            if sample.name == "recstream_stage_ms_sum":
-                sums[sample.labels["stage"]] = sample.value
-            elif sample.name == "recstream_stage_ms_count":
-                counts[sample.labels["stage"]] = sample.value
-            elif sample.name == "recstream_batch_size_count":
-                batches = sample.value
-            elif sample.name == "recstream_batch_size_sum":
-                records = sample.value
+    for sample in _samples(metrics_text):
+        if sample.name == "recstream_stage_ms_sum":
+            sums[sample.labels["stage"]] = sample.value
+        elif sample.name == "recstream_stage_ms_count":
+            counts[sample.labels["stage"]] = sample.value
+        elif sample.name == "recstream_batch_size_count":
+            batches = sample.value
+        elif sample.name == "recstream_batch_size_sum":
+            records = sample.value
     means = {s: sums[s] / counts[s] for s in STAGES if counts.get(s)}
     return int(batches), records / batches if batches else 0.0, means
 
@@ -622,6 +624,10 @@ def _peak_rss_mb(pid: int) -> float:
 # ----------------------------------------------------------------------------- report
 
 
+def _offered(r: LoadResult) -> str:
+    return "unthrottled" if r.offered == 0 else f"{r.offered:,.0f}"
+
+
 def format_loads(results: Sequence[LoadResult], bare: Sequence[BareResult]) -> str:
     ceiling = {b.name.split("(")[-1].rstrip(")"): b.events_per_s for b in bare}
     lines = [
@@ -632,7 +638,7 @@ def format_loads(results: Sequence[LoadResult], bare: Sequence[BareResult]) -> s
     ]
     for r in results:
         ratio = r.events_per_s / ceiling[r.dataset] if r.dataset in ceiling else float("nan")
-        offered = "unthrottled" if r.offered == 0 else f"{r.offered:,.0f}"
+        offered = _offered(r)
         sent = "preloaded" if r.offered == 0 else f"{r.sent_per_s:,.0f}"
         lines.append(
             f"| {r.dataset} | {offered} | {sent} | {r.answered:,}/{r.events:,} "
@@ -657,7 +663,7 @@ def format_stages(results: Sequence[LoadResult]) -> str:
             f"{r.stage_ms.get(s, 0.0):.2f} ({r.stage_ms.get(s, 0.0) / total:.0%})" if total else "-"
             for s in STAGES
         ]
-        offered = "unthrottled" if r.offered == 0 else f"{r.offered:,.0f}"
+        offered = _offered(r)
         lines.append(f"| {r.dataset} | {offered} | " + " | ".join(cells) + f" | {total:.2f} |")
     return "\n".join(lines)
 
@@ -670,7 +676,7 @@ def format_cpu(results: Sequence[LoadResult]) -> str:
     ]
     for r in results:
         cells = [f"{r.cpu_cores.get(p, float('nan')):.2f}" for p in PROCESSES]
-        offered = "unthrottled" if r.offered == 0 else f"{r.offered:,.0f}"
+        offered = _offered(r)
         total = sum(v for v in r.cpu_cores.values() if not np.isnan(v))
         gcs = f"{r.full_gcs} ({r.full_gc_ms:,.0f})"
         lines.append(
@@ -691,7 +697,7 @@ def plot_latency(results: Sequence[LoadResult], workdir: Path, path: Path) -> No
         tag = f"{r.dataset}-{int(r.offered) if r.offered else 'max'}"
         lat = np.load(workdir / f"{tag}-latency.npy")
         lat = lat[~np.isnan(lat)]
-        offered = "unthrottled" if r.offered == 0 else f"{r.offered:,.0f}/s"
+        offered = _offered(r) + ("/s" if r.offered else "")
         ax.hist(
             np.clip(lat, 1, None), bins=bins, histtype="step", linewidth=1.4,
             label=f"{r.dataset} {offered} (p99 {r.p99_ms:.0f} ms)",
