@@ -32,22 +32,27 @@ class CausalSelfAttention(nn.Module):
         """Causal attention over right-padded ``x`` [B, L, dim] (items first, padding
         after): [B, L, dim]. With ``query`` [B, 1, dim] (one query per row) and
         ``key_mask`` [B, 1, 1, L] (the keys it may see), [B, 1, dim]."""
-        batch, length, dim = x.shape
+        dim = x.size(2)
         if query is None:
             q, k, v = self.qkv(x).split(dim, dim=2)
         else:
             q = F.linear(query, self.qkv.weight[:dim], self.qkv.bias[:dim])
             k, v = F.linear(x, self.qkv.weight[dim:], self.qkv.bias[dim:]).chunk(2, dim=2)
-        queries = q.size(1)
+        return self.attend(q, k, v, key_mask, query is None)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool) -> Tensor:
+        """Projected queries [B, Q, dim] over keys and values [B, K, dim]: [B, Q, dim]."""
+        batch, queries, dim = q.shape
+        keys = k.size(1)
         head_dim = dim // self.heads
         q = q.reshape(batch, queries, self.heads, head_dim).transpose(1, 2)
-        k = k.reshape(batch, length, self.heads, head_dim).transpose(1, 2)
-        v = v.reshape(batch, length, self.heads, head_dim).transpose(1, 2)
+        k = k.reshape(batch, keys, self.heads, head_dim).transpose(1, 2)
+        v = v.reshape(batch, keys, self.heads, head_dim).transpose(1, 2)
         drop = self.dropout if self.training else 0.0
         # Items first, padding after: the causal mask alone keeps every item's query off
         # the padding, so no mask tensor is built and the kernel skips the masked half.
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=key_mask, dropout_p=drop, is_causal=query is None
+            q, k, v, attn_mask=mask, dropout_p=drop, is_causal=causal
         )
         out: Tensor = self.out(y.transpose(1, 2).reshape(batch, queries, dim))
         return out
@@ -81,6 +86,30 @@ class Block(nn.Module):
         x = x + self.drop(attended)
         x = x + self.drop(self.ffn(self.norm2(x)))
         return x * keep
+
+    def extend(
+        self, x: Tensor, keep: Tensor, past: Tensor, mask: Tensor | None, newest: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        """New positions [B, M, dim] after cached keys and values ``past`` [B, N,
+        2 * dim], attending as ``mask`` [B, 1, M, N + M] allows (None when N is 0: plain
+        causal). Returns the new positions' output (with ``newest``, only each row's
+        newest one, [B, 1, dim]) and their keys and values [B, M, 2 * dim]."""
+        dim = x.size(2)
+        q, k, v = self.attn.qkv(self.norm1(x)).split(dim, dim=2)
+        keys = torch.cat([past[:, :, :dim], k], dim=1)
+        values = torch.cat([past[:, :, dim:], v], dim=1)
+        if newest is None:
+            attended = self.attn.attend(q, keys, values, mask, mask is None)
+        else:
+            assert mask is not None, "the newest-only path needs the mask"
+            rows = newest[:, :, :1].unsqueeze(1)
+            row_mask = mask.gather(2, rows.expand(-1, 1, 1, mask.size(3)))
+            q, x = q.gather(1, newest), x.gather(1, newest)
+            attended = self.attn.attend(q, keys, values, row_mask, False)
+            keep = keep.gather(1, newest[:, :, :1])
+        x = x + self.drop(attended)
+        x = x + self.drop(self.ffn(self.norm2(x)))
+        return x * keep, torch.cat([k, v], dim=2)
 
 
 class SASRec(nn.Module):
@@ -157,6 +186,48 @@ class SASRec(nn.Module):
         """The user representation: hidden state at the newest position, [B, dim]."""
         return self.forward(seqs, True)[:, -1, :]
 
+    def extend(self, items: Tensor, cache: Tensor, cached: Tensor) -> tuple[Tensor, Tensor]:
+        """Incremental encoding, for inference: ``encode`` of whole histories from the
+        keys and values of their earlier items.
+
+        ``items`` [B, M] holds each row's new items, oldest first, then 0-padding;
+        ``cache`` [B, N, blocks * 2 * dim] the keys and values this method returned for
+        the row's earlier items (its first ``cached[b]`` positions; N may be 0, and then
+        this is a full encode). Earlier and new items together must fit in ``max_len``.
+        Returns the user vectors [B, dim] and the new items' keys and values [B, M,
+        blocks * 2 * dim], to append to the row's cache.
+
+        Exact because positions count from the oldest item and attention is causal: a
+        new item changes nothing at earlier positions until the window slides.
+        """
+        batch, new = items.shape
+        past = cache.size(1)
+        cols = torch.arange(new, device=items.device)
+        keep = (items != 0).unsqueeze(-1).to(self.item_emb.weight.dtype)
+        positions = (cached.unsqueeze(1) + cols).clamp(max=self.max_len - 1)
+        x = self.emb_drop(self.item_emb(items) * self.scale + self.pos_emb(positions)) * keep
+        # A new item sees the row's cached positions and the new items up to itself.
+        seen_old = torch.arange(past, device=items.device) < cached.view(batch, 1, 1)
+        causal = cols.view(1, new, 1) >= cols.view(1, 1, new)
+        mask = torch.cat(
+            [seen_old.expand(batch, new, past), causal.expand(batch, new, new)], dim=2
+        ).unsqueeze(1)
+        at = ((items != 0).sum(dim=1) - 1).clamp(min=0).view(batch, 1, 1)
+        newest = at.expand(batch, 1, x.size(2))
+        width = 2 * self.dim
+        last = len(self.blocks) - 1
+        kvs: list[Tensor] = []
+        # ModuleList items are typed as Module, whose attributes mypy cannot see.
+        for i, block in enumerate(self.blocks):
+            block_past = cache[:, :, i * width : (i + 1) * width]
+            if i == last:
+                x, kv = block.extend(x, keep, block_past, mask, newest)  # type: ignore[operator]
+            else:
+                step_mask = mask if past > 0 else None
+                x, kv = block.extend(x, keep, block_past, step_mask, None)  # type: ignore[operator]
+            kvs.append(kv)
+        return self.final_norm(x)[:, 0, :], torch.cat(kvs, dim=2)
+
     def item_embeddings(self) -> Tensor:
         """Output embedding table [N + 1, dim]; row 0 is padding."""
         return self.item_emb.weight
@@ -175,6 +246,16 @@ class Encoder(nn.Module):
 
     def forward(self, seqs: Tensor) -> Tensor:
         return self.model.encode(seqs)
+
+    @torch.jit.export
+    def extend(self, items: Tensor, cache: Tensor, cached: Tensor) -> tuple[Tensor, Tensor]:
+        """See ``SASRec.extend``: the worker's incremental path."""
+        return self.model.extend(items, cache, cached)
+
+    @torch.jit.export
+    def cache_width(self) -> int:
+        """Floats ``extend`` keeps per cached item: keys and values of every block."""
+        return len(self.model.blocks) * 2 * self.model.dim
 
 
 @contextlib.contextmanager

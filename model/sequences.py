@@ -23,6 +23,14 @@ def pad_left(seqs: Sequence[Sequence[int] | IntArray], max_len: int) -> IntArray
     return out
 
 
+def pad_right(seqs: Sequence[Sequence[int] | IntArray]) -> IntArray:
+    """Sequences as rows [B, L] (L the longest, at least 1), padded after with 0."""
+    out = np.zeros((len(seqs), max(1, max((len(s) for s in seqs), default=1))), dtype=np.int64)
+    for row, seq in enumerate(seqs):
+        out[row, : len(seq)] = seq
+    return out
+
+
 def append_capped(history: Sequence[str], new_items: Sequence[str], max_len: int) -> list[str]:
     """A user's history after new events, keeping only the newest ``max_len`` items."""
     merged = [*history, *new_items]

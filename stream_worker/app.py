@@ -339,6 +339,7 @@ def create_app(settings: Settings, engine: Engine) -> WorkerContext:
         settings.worker.device,
         settings.artifacts.poll_interval_s,
         on_swap=on_swap,
+        cache_bytes=settings.worker.encoder_cache_mb * 2**20,
     )
     active = watcher.active
     metrics.set_version(active.model_version, active.index_version)

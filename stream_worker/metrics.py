@@ -67,6 +67,18 @@ class WorkerMetrics:
             buckets=MS_BUCKETS,
             registry=r,
         )
+        self.encoded = Counter(
+            "recstream_encoded_histories",
+            "Histories encoded, by cache reuse: same (cached vector), extend (new items "
+            "only), full (whole window).",
+            ["reuse"],
+            registry=r,
+        )
+        self.encoder_cache_bytes = Gauge(
+            "recstream_encoder_cache_bytes",
+            "Bytes of per-user keys and values held for incremental encoding.",
+            registry=r,
+        )
         self.last_batch_ts = Gauge(
             "recstream_last_batch_timestamp_seconds", "When the last batch finished.", registry=r
         )

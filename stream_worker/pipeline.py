@@ -122,6 +122,10 @@ class BatchProcessor:
             "rank": (t3 - t2) * 1000 - times.encode_ms - times.search_ms,
         }
         self.metrics.batch_size.observe(len(records))
+        for kind, count in times.reuse.items():
+            self.metrics.encoded.labels(kind).inc(count)
+        if recommender.cache is not None:
+            self.metrics.encoder_cache_bytes.set(recommender.cache.bytes)
         for stage, ms in out.stages_ms.items():
             self.metrics.stage_ms.labels(stage).observe(ms)
         return out
@@ -159,7 +163,7 @@ class BatchProcessor:
                 last_event.setdefault(user, event)
         if self.settings.worker.emit_per_event:
             return self._recommend_per_event(applied, sequences, recommender, k, times)
-        ranked = recommender.recommend(sequences, k, times)
+        ranked = recommender.recommend(sequences, k, times, {user: user for user in sequences})
         produced = self.now_ms()
         out = []
         for user, items in ranked.items():
@@ -181,14 +185,16 @@ class BatchProcessor:
         for event in applied.applied_events:
             remaining[event.user_id] = remaining.get(event.user_id, 0) + 1
         states: dict[str, list[str]] = {}
+        users: dict[str, str] = {}
         order: list[tuple[str, ClickEvent]] = []
         for i, event in enumerate(applied.applied_events):
             remaining[event.user_id] -= 1
             full = sequences[event.user_id]
             key = f"{i}\x00{event.user_id}"
             states[key] = full[: len(full) - remaining[event.user_id]]
+            users[key] = event.user_id
             order.append((key, event))
-        ranked = recommender.recommend(states, k, times)
+        ranked = recommender.recommend(states, k, times, users)
         produced = self.now_ms()
         return [
             self._record(event.user_id, ranked[key], recommender, event, produced)

@@ -18,8 +18,9 @@ import torch
 from model.artifacts import LoadedVersion, load_version, read_current
 from model.errors import ArtifactError
 from model.index import search, to_device
-from model.sequences import pad_left
+from model.sequences import IntArray, pad_left, pad_right
 from model.train import resolve_device
+from stream_worker.encoder_cache import CachedUser, EncoderCache, Reuse, reuse
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +83,8 @@ def search_depth(k: int, seen: int, first_pass: int = 32) -> int:
 class StageTimes:
     encode_ms: float = 0.0
     search_ms: float = 0.0
+    # Histories encoded per kind of cache reuse (``Reuse`` values).
+    reuse: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -92,13 +95,32 @@ class Recommender:
     device: torch.device
     index: object
     item_index: dict[str, int] = field(default_factory=dict)
+    # Per-user keys and values for incremental encoding; None: every history is
+    # encoded in full (no budget, or an encoder exported before ``extend`` existed).
+    cache: EncoderCache | None = None
 
     @classmethod
-    def load(cls, root: Path, version: str | None = None, device: str = "auto") -> "Recommender":
+    def load(
+        cls,
+        root: Path,
+        version: str | None = None,
+        device: str = "auto",
+        cache_bytes: int = 0,
+    ) -> "Recommender":
         torch_device = resolve_device(device)
         loaded = load_version(root, version, map_location=str(torch_device))
         index, _ = to_device(loaded.index, "cuda" if torch_device.type == "cuda" else "cpu")
-        recommender = cls(loaded, torch_device, index, loaded.item_index())
+        cache = None
+        if cache_bytes > 0:
+            if hasattr(loaded.encoder, "extend"):
+                cache = EncoderCache(cache_bytes)
+            else:
+                logger.warning(
+                    "version %s: its encoder has no incremental path (exported by an older "
+                    "recstream); every history is encoded in full",
+                    loaded.version,
+                )
+        recommender = cls(loaded, torch_device, index, loaded.item_index(), cache)
         recommender.warm_up()
         return recommender
 
@@ -115,7 +137,23 @@ class Recommender:
         self.recommend({"warm-up": [self.loaded.item_ids[1]]}, 1)
 
     @torch.inference_mode()
-    def user_vectors(self, histories: Sequence[Sequence[int]]) -> npt.NDArray[np.float32]:
+    def user_vectors(
+        self,
+        histories: Sequence[Sequence[int]],
+        users: Sequence[str] | None = None,
+        times: StageTimes | None = None,
+    ) -> npt.NDArray[np.float32]:
+        """User vectors [B, dim] for item-index histories (newest last). With ``users``
+        (one cache key per history) and a cache, cached keys and values are reused."""
+        if self.cache is None or users is None:
+            return self._encode_windows(histories)
+        vectors, plans = self._encode_incremental(histories, users, self.cache)
+        if times is not None:
+            for plan in plans:
+                times.reuse[plan.value] = times.reuse.get(plan.value, 0) + 1
+        return vectors
+
+    def _encode_windows(self, histories: Sequence[Sequence[int]]) -> npt.NDArray[np.float32]:
         max_len = self.loaded.max_len
         lengths = [min(len(h), max_len) for h in histories]
         out = np.empty((len(histories), self.loaded.item_embeddings.shape[1]), dtype=np.float32)
@@ -125,10 +163,78 @@ class Recommender:
             out[rows] = vectors.float().cpu().numpy()
         return out
 
+    def _encode_incremental(
+        self, histories: Sequence[Sequence[int]], users: Sequence[str], cache: EncoderCache
+    ) -> tuple[npt.NDArray[np.float32], list[Reuse]]:
+        encoder = self.loaded.encoder
+        max_len = self.loaded.max_len
+        width = int(encoder.cache_width())
+        out = np.empty((len(histories), self.loaded.item_embeddings.shape[1]), dtype=np.float32)
+        arrays = [np.asarray(h, dtype=np.int64) for h in histories]
+        # Every lookup before any store: rows of one user (one per event, in
+        # emit_per_event mode) all extend the entry the batch started with.
+        entries = [cache.get(user) for user in users]
+        plans = [reuse(a, e, max_len) for a, e in zip(arrays, entries, strict=True)]
+        new_kv: dict[int, torch.Tensor] = {}
+
+        def run(
+            rows: list[int], items: list[IntArray], past: torch.Tensor, cached: list[int]
+        ) -> None:
+            vectors, kv = encoder.extend(
+                torch.from_numpy(pad_right(items)).to(self.device),
+                past,
+                torch.tensor(cached, dtype=torch.int64, device=self.device),
+            )
+            out[rows] = vectors.float().cpu().numpy()
+            for n, row in enumerate(rows):
+                new_kv[row] = kv[n, : len(items[n])]
+
+        full = [i for i, plan in enumerate(plans) if plan is Reuse.FULL]
+        for group in length_buckets([min(len(arrays[i]), max_len) for i in full]):
+            rows = [full[g] for g in group]
+            empty = torch.zeros(len(rows), 0, width, device=self.device)
+            run(rows, [arrays[i][-max_len:] for i in rows], empty, [0] * len(rows))
+        extend = [i for i, plan in enumerate(plans) if plan is Reuse.EXTEND]
+        # Grouped by cached length: each group's cache is padded to its longest.
+        cached_len = [len(e.items) if e is not None else 0 for e in entries]
+        for group in length_buckets([cached_len[i] for i in extend]):
+            rows = [extend[g] for g in group]
+            past = torch.nn.utils.rnn.pad_sequence(
+                [entries[i].kv for i in rows],  # type: ignore[union-attr]
+                batch_first=True,
+            )
+            run(
+                rows,
+                [arrays[i][cached_len[i] :] for i in rows],
+                past,
+                [cached_len[i] for i in rows],
+            )
+
+        for i, (plan, entry) in enumerate(zip(plans, entries, strict=True)):
+            if plan is Reuse.SAME:
+                assert entry is not None
+                out[i] = entry.vector
+            # A full window slides at the next event: nothing to extend from.
+            elif len(arrays[i]) < max_len:
+                kv = new_kv[i]
+                kv = (
+                    torch.cat([entry.kv, kv])
+                    if entry is not None and plan is Reuse.EXTEND
+                    else kv.clone()
+                )
+                cache.put(users[i], CachedUser(arrays[i], kv, out[i].copy()))
+        return out, plans
+
     def recommend(
-        self, sequences: Mapping[str, Sequence[str]], k: int, times: StageTimes | None = None
+        self,
+        sequences: Mapping[str, Sequence[str]],
+        k: int,
+        times: StageTimes | None = None,
+        cache_keys: Mapping[str, str] | None = None,
     ) -> dict[str, Ranked]:
-        """Top ``k`` unseen items for each user's sequence (external ids, newest last)."""
+        """Top ``k`` unseen items for each user's sequence (external ids, newest last).
+        ``cache_keys`` names each sequence's user for the encoder cache (left out: no
+        reuse, nothing cached)."""
         out: dict[str, Ranked] = {}
         known_users: list[str] = []
         histories: list[list[int]] = []
@@ -142,7 +248,8 @@ class Recommender:
         if not known_users:
             return out
         started = time.perf_counter()
-        vectors = self.user_vectors(histories)
+        users = None if cache_keys is None else [cache_keys[key] for key in known_users]
+        vectors = self.user_vectors(histories, users, times)
         encoded = time.perf_counter()
         seen_sets = [set(h) for h in histories]
         scores, ids = search(self.index, vectors, search_depth(k, max(map(len, seen_sets))))
@@ -185,12 +292,16 @@ class VersionWatcher:
         device: str,
         poll_interval_s: float,
         on_swap: Callable[[Recommender], None] | None = None,
+        cache_bytes: int = 0,
     ) -> None:
         self.root = root
         self.device = device
         self.poll_interval_s = poll_interval_s
         self.on_swap = on_swap
-        self._active = Recommender.load(root, device=device)
+        # Each version gets its own encoder cache: keys and values of another model's
+        # weights mean nothing to it.
+        self.cache_bytes = cache_bytes
+        self._active = Recommender.load(root, device=device, cache_bytes=cache_bytes)
         self._pending: Recommender | None = None
         self._refused: str | None = None
         self._lock = threading.Lock()
@@ -233,7 +344,7 @@ class VersionWatcher:
         if wanted in {self._active.loaded.version, staged, self._refused}:
             return False
         try:
-            candidate = Recommender.load(self.root, wanted, self.device)
+            candidate = Recommender.load(self.root, wanted, self.device, self.cache_bytes)
         except (ArtifactError, RuntimeError, OSError) as exc:
             self._refused = wanted
             logger.error(

@@ -137,6 +137,13 @@ class WorkerSettings(BaseModel):
         description="Threads per encoder call and FAISS search on CPU (0: one per core). "
         "More than one stalls when the cores are shared with the broker or other work.",
     )
+    encoder_cache_mb: int = Field(
+        256,
+        ge=0,
+        description="Memory for each user's cached keys and values, so that a new event "
+        "encodes one position instead of the whole history (0: off). Least recently "
+        "active users are dropped first; ~1 KB per item at dim 64 with 2 blocks.",
+    )
     session_timeout_s: float = Field(
         10.0,
         gt=0,

@@ -1,16 +1,27 @@
 """BatchProcessor against a real SQLite file and real artifacts (no broker needed)."""
 
 import json
+import logging
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
+from model.artifacts import VersionContents, load_version, publish_version
+from model.config import IndexConfig
 from stream_worker.events import event_value
 from stream_worker.metrics import WorkerMetrics
 from stream_worker.pipeline import BatchProcessor, RawRecord
-from stream_worker.recommender import Recommender, VersionWatcher, length_buckets, search_depth
+from stream_worker.recommender import (
+    Recommender,
+    StageTimes,
+    VersionWatcher,
+    length_buckets,
+    search_depth,
+)
 from stream_worker.settings import Settings
 from stream_worker.store import load_sequences, make_engine, run_migrations, stored_offsets
 from tests.integration.worker_harness import TinyModel, publish_tiny_model
@@ -29,7 +40,8 @@ def processor(tiny: TinyModel, tmp_path: Path, **worker: object) -> BatchProcess
     settings = Settings.model_validate(
         {"worker": {"top_k": 5, **worker}, "artifacts": {"root": str(tiny.root)}}
     )
-    watcher = VersionWatcher(tiny.root, "cpu", 60.0)
+    cache_bytes = settings.worker.encoder_cache_mb * 2**20
+    watcher = VersionWatcher(tiny.root, "cpu", 60.0, cache_bytes=cache_bytes)
     return BatchProcessor(settings, make_engine(url), watcher, WorkerMetrics())
 
 
@@ -132,6 +144,87 @@ def test_recommender_equals_the_eager_model_for_mixed_lengths_and_crowded_rankin
     ranked = recommender.recommend(sequences, 5)
     for user, sequence in sequences.items():
         assert [item for item, _ in ranked[user]] == tiny.offline_top_k(sequence, 5), user
+
+
+def test_incremental_encoding_gives_the_full_encoders_vectors_as_histories_grow(
+    tiny: TinyModel,
+) -> None:
+    """Batches of growing histories through the cache (extend, same, and full once a
+    window slides or a history is rewritten) against the same version without it."""
+    cached = Recommender.load(tiny.root, device="cpu", cache_bytes=2**20)
+    plain = Recommender.load(tiny.root, device="cpu")
+    assert cached.cache is not None and plain.cache is None
+    rng = np.random.default_rng(11)
+    num_items, max_len = len(tiny.item_ids) - 1, cached.loaded.max_len
+    histories: dict[str, list[int]] = {f"u{n}": [] for n in range(12)}
+    seen: dict[str, int] = {}
+    for step in range(30):
+        users = sorted(rng.choice(sorted(histories), size=5, replace=False))
+        for user in users:
+            histories[user] += rng.integers(1, num_items + 1, size=rng.integers(0, 4)).tolist()
+        if step == 15:  # another writer changed a history the cache has seen
+            histories[users[0]][:1] = [num_items + 1 - histories[users[0]][0]]
+        batch = [histories[u] or [1] for u in users]
+        times = StageTimes()
+        got = cached.user_vectors(batch, users, times)
+        assert np.allclose(got, plain.user_vectors(batch), atol=1e-5), step
+        for kind, count in times.reuse.items():
+            seen[kind] = seen.get(kind, 0) + count
+    assert seen.keys() == {"same", "extend", "full"}
+    assert any(len(h) > max_len for h in histories.values())  # windows did slide
+
+
+def test_the_worker_answers_from_the_cache_what_the_full_model_answers(
+    tiny: TinyModel, tmp_path: Path
+) -> None:
+    proc = processor(tiny, tmp_path, emit_per_event=True)
+    items = tiny.item_ids[1:]
+    sequence: list[str] = []
+    for batch in range(4):
+        new = items[batch * 3 : batch * 3 + 3]
+        events = [(f"e{batch}-{n}", "u", item) for n, item in enumerate(new)]
+        out = proc.process(records(events, start=batch * 3))
+        for n, (_, value) in enumerate(out.recommendations):
+            state = [*sequence, *new[: n + 1]]
+            got = [i["item_id"] for i in json.loads(value)["items"]]
+            assert got == tiny.offline_top_k(state, 5), (batch, n)
+        sequence += new
+    exposition = proc.metrics.exposition().decode()
+    assert 'recstream_encoded_histories_total{reuse="extend"} 9.0' in exposition
+
+
+def test_a_version_exported_without_the_incremental_path_is_served_in_full(
+    tiny: TinyModel, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    class ForwardOnly(torch.nn.Module):
+        def __init__(self, model: torch.nn.Module) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, seqs: torch.Tensor) -> torch.Tensor:
+            return self.model.encode(seqs)
+
+    source = load_version(tiny.root, tiny.version)
+    with warnings.catch_warnings():  # torch.jit's deprecation notice
+        warnings.simplefilter("ignore", DeprecationWarning)
+        scripted = torch.jit.script(ForwardOnly(tiny.model))
+    contents = VersionContents(
+        encoder=scripted,
+        item_embeddings=source.item_embeddings,
+        item_ids=source.item_ids,
+        max_len=source.max_len,
+        popularity=source.manifest["popularity"],
+        info={},
+    )
+    root = tmp_path / "artifacts"
+    publish_version(root, contents, IndexConfig())
+    with caplog.at_level(logging.WARNING):
+        recommender = Recommender.load(root, device="cpu", cache_bytes=2**20)
+    assert recommender.cache is None
+    assert "no incremental path" in caplog.text
+    sequence = list(tiny.item_ids[1:6])
+    ranked = recommender.recommend({"u": sequence}, 5, cache_keys={"u": "u"})
+    assert [item for item, _ in ranked["u"]] == tiny.offline_top_k(sequence, 5)
 
 
 def test_length_buckets_keep_every_row_once_within_the_ratio() -> None:

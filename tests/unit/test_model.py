@@ -145,3 +145,80 @@ def test_popularity_order_and_baseline() -> None:
     # User 0 has seen 1 and 2, so the most popular unseen item is 3.
     metrics = evaluate_popularity(order, [np.array([1, 2])], np.array([3]))
     assert metrics["hr@1"] == 1.0
+
+
+def extend_in_steps(
+    encoder: torch.nn.Module | torch.jit.ScriptModule, history: list[int], cuts: list[int]
+) -> torch.Tensor:
+    """The user vector of ``history`` built by ``extend`` over the pieces between
+    ``cuts``, each step reusing the keys and values the steps before returned."""
+    width = int(encoder.cache_width()) if hasattr(encoder, "cache_width") else 0
+    cache = torch.zeros(1, 0, width)
+    vector = torch.empty(0)
+    for start, stop in zip([0, *cuts], [*cuts, len(history)], strict=True):
+        items = torch.tensor([history[start:stop]])
+        vector, kv = encoder.extend(items, cache, torch.tensor([start]))
+        cache = torch.cat([cache, kv], dim=1)
+    return vector[0]
+
+
+@pytest.mark.parametrize(("blocks", "heads"), [(1, 1), (2, 2), (3, 1)])
+def test_extend_from_cached_keys_and_values_matches_a_full_encode(blocks: int, heads: int) -> None:
+    torch.manual_seed(5)
+    model = SASRec(num_items=50, max_len=12, dim=16, blocks=blocks, heads=heads, dropout=0.3)
+    model.eval()
+    scripted = script_encoder(model)
+    rng = np.random.default_rng(6)
+    for history in (s[-12:].tolist() for s in random_sequences(10, 50, 12, seed=7)):
+        cuts = sorted({int(c) for c in rng.integers(1, len(history) + 1, size=3)} - {len(history)})
+        with torch.no_grad():
+            full = model.encode(torch.tensor([history]))[0]
+            assert torch.allclose(extend_in_steps(scripted, history, cuts), full, atol=1e-5)
+            # One item at a time, the worker's usual case.
+            steps = list(range(1, len(history)))
+            assert torch.allclose(extend_in_steps(scripted, history, steps), full, atol=1e-5)
+
+
+def test_extend_batches_rows_with_different_cached_and_new_lengths() -> None:
+    model = tiny_model()
+    scripted = script_encoder(model)
+    histories = [s[-12:].tolist() for s in random_sequences(8, 50, 12, seed=8)]
+    histories = [h for h in histories if len(h) >= 2]
+    cached = [len(h) // 2 for h in histories]
+    width = int(scripted.cache_width())
+    with torch.no_grad():
+        caches = []
+        for h, n in zip(histories, cached, strict=True):
+            _, kv = scripted.extend(
+                torch.tensor([h[:n]]), torch.zeros(1, 0, width), torch.tensor([0])
+            )
+            caches.append(kv[0])
+        new = [h[n:] for h, n in zip(histories, cached, strict=True)]
+        items = torch.zeros(len(new), max(map(len, new)), dtype=torch.long)
+        for row, tail in enumerate(new):
+            items[row, : len(tail)] = torch.tensor(tail)
+        past = torch.nn.utils.rnn.pad_sequence(caches, batch_first=True)
+        vectors, kv = scripted.extend(items, past, torch.tensor(cached))
+        expected = model.encode(torch.from_numpy(pad_left(histories, 12)))
+    assert torch.allclose(vectors, expected, atol=1e-5)
+    assert kv.shape == (len(new), items.size(1), width)
+
+
+def test_extend_sees_the_cache_it_is_given() -> None:
+    """A cache of other items gives another vector: extend really reads it."""
+    model = tiny_model()
+    width = 2 * 2 * 16
+    with torch.no_grad():
+        _, kv_a = model.extend(
+            torch.tensor([[1, 2, 3]]), torch.zeros(1, 0, width), torch.tensor([0])
+        )
+        _, kv_b = model.extend(
+            torch.tensor([[4, 5, 6]]), torch.zeros(1, 0, width), torch.tensor([0])
+        )
+        after_a, _ = model.extend(torch.tensor([[7]]), kv_a, torch.tensor([3]))
+        after_b, _ = model.extend(torch.tensor([[7]]), kv_b, torch.tensor([3]))
+        # Only the first two cached positions are valid: the third must be ignored.
+        short, _ = model.extend(torch.tensor([[7]]), kv_a, torch.tensor([2]))
+    assert not torch.allclose(after_a, after_b)
+    assert torch.allclose(after_a, model.encode(torch.tensor([[1, 2, 3, 7]])), atol=1e-5)
+    assert torch.allclose(short, model.encode(torch.tensor([[1, 2, 7]])), atol=1e-5)

@@ -1,0 +1,83 @@
+"""Incremental encoding: each user's per-block keys and values, kept between batches.
+
+SASRec's positions count from the oldest item in the window and its attention is
+causal, so while a history is shorter than ``max_len`` a new event changes nothing at
+the earlier positions: the encoder only has to run the new items against the cached
+keys and values (``Encoder.extend``). The database stays the source of truth: an entry
+is used only when the items it covers are a prefix of the history just read, so a
+restart, a rebalance, a trimmed history or another worker's writes all fall back to a
+full encode, never to a stale vector.
+"""
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from enum import Enum
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+from model.sequences import IntArray
+
+
+@dataclass(slots=True)
+class CachedUser:
+    """What the cache holds for one user: the items its keys and values cover."""
+
+    items: IntArray  # item indices, oldest first
+    kv: torch.Tensor  # [len(items), blocks * 2 * dim]
+    vector: npt.NDArray[np.float32]  # the user vector after ``items``
+
+    @property
+    def nbytes(self) -> int:
+        return self.items.nbytes + self.kv.numel() * self.kv.element_size() + self.vector.nbytes
+
+
+class Reuse(Enum):
+    """How one history is encoded, given the cache."""
+
+    SAME = "same"  # nothing new since the cached entry: its vector as is
+    EXTEND = "extend"  # the cached entry covers a prefix: encode only the new items
+    FULL = "full"  # no usable entry: encode the whole window
+
+
+def reuse(history: IntArray, entry: CachedUser | None, max_len: int) -> Reuse:
+    """The cheapest exact way to encode ``history`` (item indices, oldest first, the
+    whole stored history, not yet cut to ``max_len``)."""
+    if entry is None or len(history) > max_len:
+        # Past max_len the window slides: every position moves, nothing cached holds.
+        return Reuse.FULL
+    cached = len(entry.items)
+    if cached > len(history) or not np.array_equal(history[:cached], entry.items):
+        return Reuse.FULL
+    return Reuse.SAME if cached == len(history) else Reuse.EXTEND
+
+
+class EncoderCache:
+    """Least-recently-used entries per user, bounded in bytes (keys, values, vector)."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._entries: OrderedDict[str, CachedUser] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, user: str) -> CachedUser | None:
+        entry = self._entries.get(user)
+        if entry is not None:
+            self._entries.move_to_end(user)
+        return entry
+
+    def put(self, user: str, entry: CachedUser) -> None:
+        old = self._entries.pop(user, None)
+        if old is not None:
+            self.bytes -= old.nbytes
+        if entry.nbytes > self.max_bytes:
+            return
+        self._entries[user] = entry
+        self.bytes += entry.nbytes
+        while self.bytes > self.max_bytes:
+            _, evicted = self._entries.popitem(last=False)
+            self.bytes -= evicted.nbytes
