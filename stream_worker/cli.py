@@ -433,6 +433,50 @@ def bench_e2e(
     typer.echo(report)
 
 
+@bench_app.command("incremental")
+def bench_incremental(
+    dataset: Annotated[
+        list[str] | None, typer.Option(help="taobao and/or ml-1m (repeat); default both.")
+    ] = None,
+    data_root: Annotated[Path, typer.Option(help="Folder of the shared datasets.")] = Path(
+        "../shared/data"
+    ),
+    events: Annotated[int, typer.Option(min=1, help="Events to replay per dataset.")] = 100_000,
+    batch_events: Annotated[
+        str,
+        typer.Option(
+            help="Events per batch, comma-separated (the worker's mean batch at a load: "
+            "~90 for Taobao at 2,000 events/s, 1,000 unthrottled)."
+        ),
+    ] = "90,1000",
+    cache_mb: Annotated[int, typer.Option(min=1, help="The encoder cache's budget.")] = 256,
+    device: DeviceOpt = "auto",
+    out: BenchOutOpt = Path("bench-out/incremental"),
+) -> None:
+    """The encode stage on real event order, with and without the encoder cache."""
+    from stream_worker.bench.e2e import DATASETS
+    from stream_worker.bench.incremental import run_incremental
+
+    load_settings()
+    dataset = dataset or list(DATASETS)
+    unknown = sorted(set(dataset) - set(DATASETS))
+    if unknown:
+        raise ConfigError(f"unknown dataset {unknown[0]!r}; choose from {', '.join(DATASETS)}")
+    sizes = [int(v) for v in _floats(batch_events, "--batch-events")]
+    if any(size < 1 for size in sizes):
+        raise ConfigError(f"--batch-events must be whole numbers >= 1: {batch_events!r}")
+    report = run_incremental(
+        datasets=dataset,
+        data_root=data_root,
+        events=events,
+        batch_events=sizes,
+        out_dir=out,
+        device=device,
+        cache_mb=cache_mb,
+    )
+    typer.echo(report)
+
+
 @bench_app.command("encoder")
 def bench_encoder(
     out: BenchOutOpt = Path("bench-out/encoder"),

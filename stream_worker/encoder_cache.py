@@ -10,6 +10,7 @@ full encode, never to a stale vector.
 """
 
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
 
@@ -17,20 +18,38 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from model.sequences import IntArray
-
 
 @dataclass(slots=True)
 class CachedUser:
     """What the cache holds for one user: the items its keys and values cover."""
 
-    items: IntArray  # item indices, oldest first
-    kv: torch.Tensor  # [len(items), blocks * 2 * dim]
+    items: tuple[int, ...]  # item indices, oldest first
+    kv: torch.Tensor  # [capacity >= len(items), blocks * 2 * dim]; rows past len(items) unused
     vector: npt.NDArray[np.float32]  # the user vector after ``items``
 
     @property
     def nbytes(self) -> int:
-        return self.items.nbytes + self.kv.numel() * self.kv.element_size() + self.vector.nbytes
+        return 8 * len(self.items) + self.kv.numel() * self.kv.element_size() + self.vector.nbytes
+
+    def past(self) -> torch.Tensor:
+        """The keys and values of ``items``: [len(items), blocks * 2 * dim]."""
+        return self.kv[: len(self.items)]
+
+    def extended(
+        self, items: tuple[int, ...], new_kv: torch.Tensor, vector: npt.NDArray[np.float32]
+    ) -> "CachedUser":
+        """This entry after ``items`` (which start with ``self.items``) whose new part has
+        keys and values ``new_kv``. Written in place while capacity lasts, doubling it
+        otherwise, so a user's events cost amortised O(1) copies each."""
+        start, stop = len(self.items), len(items)
+        kv = self.kv
+        if stop > kv.size(0):
+            kv = torch.empty(
+                max(stop, 2 * kv.size(0)), kv.size(1), dtype=kv.dtype, device=kv.device
+            )
+            kv[:start] = self.kv[:start]
+        kv[start:stop] = new_kv
+        return CachedUser(items, kv, vector)
 
 
 class Reuse(Enum):
@@ -41,14 +60,14 @@ class Reuse(Enum):
     FULL = "full"  # no usable entry: encode the whole window
 
 
-def reuse(history: IntArray, entry: CachedUser | None, max_len: int) -> Reuse:
+def reuse(history: Sequence[int], entry: CachedUser | None, max_len: int) -> Reuse:
     """The cheapest exact way to encode ``history`` (item indices, oldest first, the
     whole stored history, not yet cut to ``max_len``)."""
     if entry is None or len(history) > max_len:
         # Past max_len the window slides: every position moves, nothing cached holds.
         return Reuse.FULL
     cached = len(entry.items)
-    if cached > len(history) or not np.array_equal(history[:cached], entry.items):
+    if cached > len(history) or tuple(history[:cached]) != entry.items:
         return Reuse.FULL
     return Reuse.SAME if cached == len(history) else Reuse.EXTEND
 
@@ -59,25 +78,28 @@ class EncoderCache:
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
         self.bytes = 0
-        self._entries: OrderedDict[str, CachedUser] = OrderedDict()
+        # Sizes as counted when stored: an entry's buffer is shared with its successor.
+        self._entries: OrderedDict[str, tuple[CachedUser, int]] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._entries)
 
     def get(self, user: str) -> CachedUser | None:
-        entry = self._entries.get(user)
-        if entry is not None:
-            self._entries.move_to_end(user)
-        return entry
+        found = self._entries.get(user)
+        if found is None:
+            return None
+        self._entries.move_to_end(user)
+        return found[0]
 
     def put(self, user: str, entry: CachedUser) -> None:
         old = self._entries.pop(user, None)
         if old is not None:
-            self.bytes -= old.nbytes
-        if entry.nbytes > self.max_bytes:
+            self.bytes -= old[1]
+        size = entry.nbytes
+        if size > self.max_bytes:
             return
-        self._entries[user] = entry
-        self.bytes += entry.nbytes
+        self._entries[user] = (entry, size)
+        self.bytes += size
         while self.bytes > self.max_bytes:
-            _, evicted = self._entries.popitem(last=False)
-            self.bytes -= evicted.nbytes
+            _, (_, evicted) = self._entries.popitem(last=False)
+            self.bytes -= evicted

@@ -18,7 +18,7 @@ import torch
 from model.artifacts import LoadedVersion, load_version, read_current
 from model.errors import ArtifactError
 from model.index import search, to_device
-from model.sequences import IntArray, pad_left, pad_right
+from model.sequences import pad_left, pad_right
 from model.train import resolve_device
 from stream_worker.encoder_cache import CachedUser, EncoderCache, Reuse, reuse
 
@@ -170,15 +170,14 @@ class Recommender:
         max_len = self.loaded.max_len
         width = int(encoder.cache_width())
         out = np.empty((len(histories), self.loaded.item_embeddings.shape[1]), dtype=np.float32)
-        arrays = [np.asarray(h, dtype=np.int64) for h in histories]
         # Every lookup before any store: rows of one user (one per event, in
         # emit_per_event mode) all extend the entry the batch started with.
         entries = [cache.get(user) for user in users]
-        plans = [reuse(a, e, max_len) for a, e in zip(arrays, entries, strict=True)]
+        plans = [reuse(h, e, max_len) for h, e in zip(histories, entries, strict=True)]
         new_kv: dict[int, torch.Tensor] = {}
 
         def run(
-            rows: list[int], items: list[IntArray], past: torch.Tensor, cached: list[int]
+            rows: list[int], items: list[Sequence[int]], past: torch.Tensor, cached: list[int]
         ) -> None:
             vectors, kv = encoder.extend(
                 torch.from_numpy(pad_right(items)).to(self.device),
@@ -190,22 +189,24 @@ class Recommender:
                 new_kv[row] = kv[n, : len(items[n])]
 
         full = [i for i, plan in enumerate(plans) if plan is Reuse.FULL]
-        for group in length_buckets([min(len(arrays[i]), max_len) for i in full]):
+        for group in length_buckets([min(len(histories[i]), max_len) for i in full]):
             rows = [full[g] for g in group]
             empty = torch.zeros(len(rows), 0, width, device=self.device)
-            run(rows, [arrays[i][-max_len:] for i in rows], empty, [0] * len(rows))
+            run(rows, [histories[i][-max_len:] for i in rows], empty, [0] * len(rows))
         extend = [i for i, plan in enumerate(plans) if plan is Reuse.EXTEND]
-        # Grouped by cached length: each group's cache is padded to its longest.
+        # Grouped by the number of new items, which sets each group's padded compute (a
+        # burst of one user's clicks would otherwise pad every row to its length); the
+        # cached part only adds keys, one gather each.
         cached_len = [len(e.items) if e is not None else 0 for e in entries]
-        for group in length_buckets([cached_len[i] for i in extend]):
+        for group in length_buckets([len(histories[i]) - cached_len[i] for i in extend], 4.0):
             rows = [extend[g] for g in group]
             past = torch.nn.utils.rnn.pad_sequence(
-                [entries[i].kv for i in rows],  # type: ignore[union-attr]
+                [entries[i].past() for i in rows],  # type: ignore[union-attr]
                 batch_first=True,
             )
             run(
                 rows,
-                [arrays[i][cached_len[i] :] for i in rows],
+                [histories[i][cached_len[i] :] for i in rows],
                 past,
                 [cached_len[i] for i in rows],
             )
@@ -215,14 +216,14 @@ class Recommender:
                 assert entry is not None
                 out[i] = entry.vector
             # A full window slides at the next event: nothing to extend from.
-            elif len(arrays[i]) < max_len:
-                kv = new_kv[i]
-                kv = (
-                    torch.cat([entry.kv, kv])
-                    if entry is not None and plan is Reuse.EXTEND
-                    else kv.clone()
-                )
-                cache.put(users[i], CachedUser(arrays[i], kv, out[i].copy()))
+            elif len(histories[i]) < max_len:
+                items = tuple(histories[i])
+                if plan is Reuse.EXTEND:
+                    assert entry is not None
+                    stored = entry.extended(items, new_kv[i], out[i].copy())
+                else:
+                    stored = CachedUser(items, new_kv[i].clone(), out[i].copy())
+                cache.put(users[i], stored)
         return out, plans
 
     def recommend(

@@ -742,7 +742,7 @@ def run_e2e(
     with LocalBroker(log_dir=work) if bootstrap is None else _External(bootstrap) as broker:
         for name in datasets:
             replay = load_replay(name, data_root, events)
-            artifacts = work / f"artifacts-{name}-{index_factory.replace(',', '_')}"
+            artifacts = work / f"artifacts-{name}-{len(replay)}-{index_factory.replace(',', '_')}"
             if not artifacts.exists():
                 publish_bench_model(replay, artifacts, max_len, index_factory)
             bench = Bench(

@@ -91,6 +91,9 @@ def test_build_index_publishes_a_new_version_with_recall(trained: Path) -> None:
         (["evaluate", "--data", __file__, "--artifacts", "/no/such/root"], {}, "error:"),
         (["train", "--data", __file__, "--out", "x"], {"RECSTREAM_TRAIN__DIM": "-3"}, "DIM"),
         (["build-index", "--artifacts", "/no/such/root", "--factory", "Flat"], {}, "no CURRENT"),
+        (["bench", "incremental", "--batch-events", "90,0"], {}, "--batch-events must be"),
+        (["bench", "incremental", "--dataset", "nope"], {}, "unknown dataset 'nope'"),
+        (["bench", "incremental", "--data-root", "/no/such/dir"], {}, "not found"),
     ],
 )
 def test_bad_input_is_one_readable_line_not_a_traceback(

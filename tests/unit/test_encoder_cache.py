@@ -7,15 +7,11 @@ from stream_worker.encoder_cache import CachedUser, EncoderCache, Reuse, reuse
 
 
 def entry(items: list[int], width: int = 4) -> CachedUser:
-    return CachedUser(
-        np.array(items, dtype=np.int64),
-        torch.zeros(len(items), width),
-        np.zeros(3, dtype=np.float32),
-    )
+    return CachedUser(tuple(items), torch.zeros(len(items), width), np.zeros(3, dtype=np.float32))
 
 
-def history(*items: int) -> np.ndarray:
-    return np.array(items, dtype=np.int64)
+def history(*items: int) -> list[int]:
+    return list(items)
 
 
 def test_reuse_extends_only_from_a_prefix_of_the_stored_history() -> None:
@@ -56,3 +52,14 @@ def test_cache_replaces_a_users_entry_and_skips_one_larger_than_the_budget() -> 
     assert cache.bytes == entry([1, 2]).nbytes and len(cache) == 1
     cache.put("b", entry(list(range(50))))
     assert cache.get("b") is None and cache.get("a") is not None
+
+
+def test_extending_an_entry_appends_in_place_and_doubles_when_full() -> None:
+    first = CachedUser((1, 2), torch.tensor([[1.0], [2.0]]), np.zeros(1, dtype=np.float32))
+    grown = first.extended((1, 2, 3), torch.tensor([[3.0]]), np.ones(1, dtype=np.float32))
+    assert grown.kv.size(0) == 4  # doubled
+    assert grown.past().flatten().tolist() == [1.0, 2.0, 3.0]
+    again = grown.extended((1, 2, 3, 4), torch.tensor([[4.0]]), np.ones(1, dtype=np.float32))
+    assert again.kv.data_ptr() == grown.kv.data_ptr()  # room left: no copy
+    assert again.past().flatten().tolist() == [1.0, 2.0, 3.0, 4.0]
+    assert first.past().flatten().tolist() == [1.0, 2.0]  # the old entry is untouched
