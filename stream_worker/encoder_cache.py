@@ -103,3 +103,8 @@ class EncoderCache:
         while self.bytes > self.max_bytes:
             _, (_, evicted) = self._entries.popitem(last=False)
             self.bytes -= evicted
+
+    def drop(self, user: str) -> None:
+        old = self._entries.pop(user, None)
+        if old is not None:
+            self.bytes -= old[1]

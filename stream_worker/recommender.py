@@ -215,8 +215,10 @@ class Recommender:
             if plan is Reuse.SAME:
                 assert entry is not None
                 out[i] = entry.vector
-            # A full window slides at the next event: nothing to extend from.
-            elif len(histories[i]) < max_len:
+            elif len(histories[i]) >= max_len:
+                # A full window slides at the next event: nothing to extend from.
+                cache.drop(users[i])
+            else:
                 items = tuple(histories[i])
                 if plan is Reuse.EXTEND:
                     assert entry is not None

@@ -52,6 +52,9 @@ def test_cache_replaces_a_users_entry_and_skips_one_larger_than_the_budget() -> 
     assert cache.bytes == entry([1, 2]).nbytes and len(cache) == 1
     cache.put("b", entry(list(range(50))))
     assert cache.get("b") is None and cache.get("a") is not None
+    cache.drop("a")
+    cache.drop("never-cached")
+    assert len(cache) == 0 and cache.bytes == 0
 
 
 def test_extending_an_entry_appends_in_place_and_doubles_when_full() -> None:
