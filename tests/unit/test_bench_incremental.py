@@ -31,14 +31,14 @@ def test_a_small_replay_agrees_with_the_full_encoder_and_reuses_the_cache(
     tmp_path: Path,
 ) -> None:
     rng = np.random.default_rng(0)
-    users = [f"u{n}" for n in rng.integers(0, 12, size=300)]
+    users = [f"u{n}" for n in rng.integers(0, 30, size=300)]
     items = [f"i{n}" for n in rng.integers(0, 40, size=300)]
     toy = replay(users, items)
     publish_bench_model(toy, tmp_path / "artifacts", max_len=16)
     result = bench_incremental(toy, tmp_path / "artifacts", batch_events=10, progress=False)
     assert result.batches == 30 and len(result.full_ms) == len(result.cached_ms) == 30
     assert result.max_abs_diff < 1e-4
-    # Short histories extend; ones past max_len (16) slide and are encoded in full.
+    # Short histories extend; new users and ones past max_len (16) are encoded in full.
     assert result.reuse["extend"] > 0 and result.reuse["full"] > 0
     assert result.cache_mib > 0
     table = format_incremental([result])
