@@ -14,6 +14,7 @@ from typing import Any
 import faiss
 import numpy as np
 import numpy.typing as npt
+import torch
 
 from model.config import IndexConfig
 from model.errors import IndexBuildError
@@ -133,10 +134,28 @@ def load_index(path: Path, cfg: IndexConfig) -> Any:
     return index
 
 
+def flat_vectors(index: Any) -> FloatArray | None:
+    """The vectors of an exact inner-product index in host memory, as a view (no copy);
+    None for any other index (approximate, on a GPU, or another metric)."""
+    if not isinstance(index, faiss.IndexFlat) or index.metric_type != faiss.METRIC_INNER_PRODUCT:
+        return None
+    raw = faiss.rev_swig_ptr(index.get_xb(), index.ntotal * index.d)
+    return np.asarray(raw).reshape(index.ntotal, index.d)
+
+
 def search(
     index: Any, queries: FloatArray, k: int
 ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
     """Top-k scores and item indices (1-based, -1 padded to 0) for [B, d] queries."""
     k = max(1, min(k, index.ntotal))
-    scores, ids = index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    vectors = flat_vectors(index)
+    if vectors is not None and len(queries) > 1:
+        # Exact search as one matrix product and a top-k over the index's own vectors:
+        # the same results, 2-2.6x faster than this FAISS build's CPU flat search for
+        # 5-170 queries over 55k items (its small-block BLAS path; docs/benchmarks.md).
+        top = torch.topk(torch.from_numpy(queries) @ torch.from_numpy(vectors).T, k)
+        scores, ids = top.values.numpy(), top.indices.numpy()
+    else:
+        scores, ids = index.search(queries, k)
     return scores, np.where(ids >= 0, ids + 1, 0).astype(np.int64)

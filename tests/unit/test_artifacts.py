@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import faiss
 import numpy as np
 import pytest
 import torch
@@ -19,7 +20,7 @@ from model.artifacts import (
 )
 from model.config import IndexConfig
 from model.errors import ArtifactError, IndexBuildError
-from model.index import build_index, search
+from model.index import build_index, flat_vectors, load_index, save_index, search
 from model.sasrec import SASRec, script_encoder
 from model.sequences import pad_left
 
@@ -131,3 +132,22 @@ def test_ivf_with_too_few_items_is_a_clear_error() -> None:
     vectors = np.random.default_rng(0).normal(size=(20, 8)).astype(np.float32)
     with pytest.raises(IndexBuildError, match="needs at least 64 items"):
         build_index(vectors, IndexConfig(factory="IVF64,Flat"))
+
+
+def test_exact_search_by_matrix_product_returns_what_faiss_returns(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    vectors = rng.standard_normal((2000, 16)).astype(np.float32)
+    index, _ = build_index(vectors, IndexConfig())
+    view = flat_vectors(index)
+    assert view is not None and np.shares_memory(view, faiss.rev_swig_ptr(index.get_xb(), 1))
+    queries = rng.standard_normal((40, 16)).astype(np.float32)
+    scores, ids = search(index, queries, 25)
+    faiss_scores, faiss_ids = index.search(queries, 25)
+    assert (ids == faiss_ids + 1).all()
+    assert np.allclose(scores, faiss_scores, atol=1e-4)
+    # As the worker loads it from a version directory.
+    save_index(index, tmp_path / "index.faiss")
+    assert flat_vectors(load_index(tmp_path / "index.faiss", IndexConfig())) is not None
+    # Approximate indexes keep FAISS's own search.
+    ivf, _ = build_index(vectors, IndexConfig(factory="IVF16,Flat"))
+    assert flat_vectors(ivf) is None
