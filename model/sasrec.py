@@ -91,25 +91,26 @@ class Block(nn.Module):
         self, x: Tensor, keep: Tensor, past: Tensor, mask: Tensor | None, newest: Tensor | None
     ) -> tuple[Tensor, Tensor]:
         """New positions [B, M, dim] after cached keys and values ``past`` [B, N,
-        2 * dim], attending as ``mask`` [B, 1, M, N + M] allows (None when N is 0: plain
-        causal). Returns the new positions' output (with ``newest``, only each row's
-        newest one, [B, 1, dim]) and their keys and values [B, M, 2 * dim]."""
+        2 * dim]: their output and their keys and values [B, M, 2 * dim]. Every new
+        position attends as ``mask`` [B, 1, M, N + M] allows (None: plain causal, when N
+        is 0); with ``newest`` ([B, 1, dim] gather indices) only each row's newest one
+        does, as ``mask`` [B, 1, 1, N + M] allows, and the output is [B, 1, dim]."""
         dim = x.size(2)
-        q, k, v = self.attn.qkv(self.norm1(x)).split(dim, dim=2)
-        keys = torch.cat([past[:, :, :dim], k], dim=1)
-        values = torch.cat([past[:, :, dim:], v], dim=1)
+        qkv = self.attn.qkv(self.norm1(x))
+        q, k, v = qkv.split(dim, dim=2)
+        keys, values = k, v
+        if past.size(1) > 0:
+            keys = torch.cat([past[:, :, :dim], k], dim=1)
+            values = torch.cat([past[:, :, dim:], v], dim=1)
         if newest is None:
             attended = self.attn.attend(q, keys, values, mask, mask is None)
         else:
-            assert mask is not None, "the newest-only path needs the mask"
-            rows = newest[:, :, :1].unsqueeze(1)
-            row_mask = mask.gather(2, rows.expand(-1, 1, 1, mask.size(3)))
             q, x = q.gather(1, newest), x.gather(1, newest)
-            attended = self.attn.attend(q, keys, values, row_mask, False)
+            attended = self.attn.attend(q, keys, values, mask, False)
             keep = keep.gather(1, newest[:, :, :1])
         x = x + self.drop(attended)
         x = x + self.drop(self.ffn(self.norm2(x)))
-        return x * keep, torch.cat([k, v], dim=2)
+        return x * keep, qkv[:, :, dim:]  # keys then values: a view, no copy
 
 
 class SASRec(nn.Module):
@@ -206,14 +207,23 @@ class SASRec(nn.Module):
         keep = (items != 0).unsqueeze(-1).to(self.item_emb.weight.dtype)
         positions = (cached.unsqueeze(1) + cols).clamp(max=self.max_len - 1)
         x = self.emb_drop(self.item_emb(items) * self.scale + self.pos_emb(positions)) * keep
-        # A new item sees the row's cached positions and the new items up to itself.
-        seen_old = torch.arange(past, device=items.device) < cached.view(batch, 1, 1)
-        causal = cols.view(1, new, 1) >= cols.view(1, 1, new)
-        mask = torch.cat(
-            [seen_old.expand(batch, new, past), causal.expand(batch, new, new)], dim=2
-        ).unsqueeze(1)
-        at = ((items != 0).sum(dim=1) - 1).clamp(min=0).view(batch, 1, 1)
-        newest = at.expand(batch, 1, x.size(2))
+        # A new item sees the row's valid cached positions and the new items up to
+        # itself; the last block computes only each row's newest item.
+        seen_old = torch.arange(past, device=items.device).view(1, past) < cached.view(batch, 1)
+        at = ((items != 0).sum(dim=1) - 1).clamp(min=0).view(batch, 1)
+        newest_mask = torch.cat([seen_old, cols.view(1, new) <= at], dim=1)
+        newest_mask = newest_mask.view(batch, 1, 1, past + new)
+        mask: Tensor | None = None
+        if past > 0:
+            causal = cols.view(1, new, 1) >= cols.view(1, 1, new)
+            mask = torch.cat(
+                [
+                    seen_old.view(batch, 1, past).expand(batch, new, past),
+                    causal.expand(batch, new, new),
+                ],
+                dim=2,
+            ).unsqueeze(1)
+        newest = at.view(batch, 1, 1).expand(batch, 1, x.size(2))
         width = 2 * self.dim
         last = len(self.blocks) - 1
         kvs: list[Tensor] = []
@@ -221,10 +231,9 @@ class SASRec(nn.Module):
         for i, block in enumerate(self.blocks):
             block_past = cache[:, :, i * width : (i + 1) * width]
             if i == last:
-                x, kv = block.extend(x, keep, block_past, mask, newest)  # type: ignore[operator]
+                x, kv = block.extend(x, keep, block_past, newest_mask, newest)  # type: ignore[operator]
             else:
-                step_mask = mask if past > 0 else None
-                x, kv = block.extend(x, keep, block_past, step_mask, None)  # type: ignore[operator]
+                x, kv = block.extend(x, keep, block_past, mask, None)  # type: ignore[operator]
             kvs.append(kv)
         return self.final_norm(x)[:, 0, :], torch.cat(kvs, dim=2)
 

@@ -133,8 +133,15 @@ class Recommender:
         return self.loaded.index_version
 
     def warm_up(self) -> None:
-        """One tiny query so the first real batch does not pay for lazy initialisation."""
-        self.recommend({"warm-up": [self.loaded.item_ids[1]]}, 1)
+        """Tiny queries so the first real batches do not pay for lazy initialisation
+        (and TorchScript's first runs of each path): full, then incremental."""
+        first = self.loaded.item_ids[1]
+        self.recommend({"warm-up": [first]}, 1)
+        if self.cache is not None:
+            for _ in range(3):
+                for length in (1, 2):
+                    self.recommend({"warm-up": [first] * length}, 1, cache_keys={"warm-up": ""})
+            self.cache.drop("")
 
     @torch.inference_mode()
     def user_vectors(
@@ -188,27 +195,38 @@ class Recommender:
             for n, row in enumerate(rows):
                 new_kv[row] = kv[n, : len(items[n])]
 
-        full = [i for i, plan in enumerate(plans) if plan is Reuse.FULL]
-        for group in length_buckets([min(len(histories[i]), max_len) for i in full]):
-            rows = [full[g] for g in group]
-            empty = torch.zeros(len(rows), 0, width, device=self.device)
-            run(rows, [histories[i][-max_len:] for i in rows], empty, [0] * len(rows))
-        extend = [i for i, plan in enumerate(plans) if plan is Reuse.EXTEND]
-        # Grouped by the number of new items, which sets each group's padded compute (a
-        # burst of one user's clicks would otherwise pad every row to its length); the
-        # cached part only adds keys, one gather each.
-        cached_len = [len(e.items) if e is not None else 0 for e in entries]
-        for group in length_buckets([len(histories[i]) - cached_len[i] for i in extend], 4.0):
-            rows = [extend[g] for g in group]
-            past = torch.nn.utils.rnn.pad_sequence(
-                [entries[i].past() for i in rows],  # type: ignore[union-attr]
-                batch_first=True,
-            )
+        # Every history not answered from the cache runs from its cached keys and
+        # values (none when encoded in full), grouped by the number of new items, which
+        # sets a group's padded compute (one user's burst of clicks would otherwise pad
+        # every row to its length); the cached part only adds keys.
+        # Full windows are not kept (they slide at the next event): the plain encoder,
+        # which returns no keys and values, is cheaper for them.
+        sliding = [
+            i for i, plan in enumerate(plans) if plan is Reuse.FULL and len(histories[i]) >= max_len
+        ]
+        if sliding:
+            out[sliding] = self._encode_windows([histories[i] for i in sliding])
+        rest = [
+            i
+            for i, plan in enumerate(plans)
+            if plan is Reuse.EXTEND or (plan is Reuse.FULL and len(histories[i]) < max_len)
+        ]
+        pasts = [
+            entry.past() if plan is Reuse.EXTEND and entry is not None else None
+            for plan, entry in ((plans[i], entries[i]) for i in rest)
+        ]
+        done = [0 if past is None else past.size(0) for past in pasts]
+        new_items = [histories[i][n:][-max_len:] for i, n in zip(rest, done, strict=True)]
+        nothing = torch.zeros(0, width, device=self.device)
+        for group in length_buckets([len(items) for items in new_items], 4.0):
             run(
-                rows,
-                [histories[i][cached_len[i] :] for i in rows],
-                past,
-                [cached_len[i] for i in rows],
+                [rest[g] for g in group],
+                [new_items[g] for g in group],
+                torch.nn.utils.rnn.pad_sequence(
+                    [nothing if (past := pasts[g]) is None else past for g in group],
+                    batch_first=True,
+                ),
+                [done[g] for g in group],
             )
 
         for i, (plan, entry) in enumerate(zip(plans, entries, strict=True)):
