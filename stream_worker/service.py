@@ -3,11 +3,9 @@
 import gc
 import logging
 
-import faiss
 import faust
-import torch
 
-from stream_worker.app import WorkerContext, create_app
+from stream_worker.app import WorkerContext, create_app, limit_cpu_threads
 from stream_worker.broker import ensure_topics
 from stream_worker.kafka_config import security_options
 from stream_worker.settings import Settings
@@ -34,11 +32,8 @@ def prepare_worker(settings: Settings) -> WorkerContext:
     if created:
         logger.info("created topics %s", ", ".join(created))
     if settings.worker.cpu_threads:
-        # OpenMP threads that wait for each other at every operator stall whenever one
-        # of them is descheduled: measured 10 ms per encoder call with one thread
-        # against 250 ms with two, on 2 cores shared with the broker.
-        torch.set_num_threads(settings.worker.cpu_threads)
-        faiss.omp_set_num_threads(settings.worker.cpu_threads)
+        # The model loads and warms up here; the batch thread sets its own (create_app).
+        limit_cpu_threads(settings.worker.cpu_threads)
     ctx = create_app(settings, engine)
     logger.info(
         "worker ready: database %s, topics %s -> %s (dead letters %s)",

@@ -6,12 +6,14 @@ import time
 import warnings
 from pathlib import Path
 
+import faiss
 import numpy as np
 import pytest
 import torch
 
 from model.artifacts import VersionContents, load_version, publish_version
 from model.config import IndexConfig
+from stream_worker.app import create_app
 from stream_worker.events import event_value
 from stream_worker.metrics import WorkerMetrics
 from stream_worker.pipeline import BatchProcessor, RawRecord
@@ -234,3 +236,21 @@ def test_length_buckets_keep_every_row_once_within_the_ratio() -> None:
     for group in groups:
         assert max(lengths[i] for i in group) <= 2 * max(1, min(lengths[i] for i in group))
     assert search_depth(10, 5) == 15 and search_depth(10, 500) == 42
+
+
+def test_the_batch_thread_runs_torch_and_faiss_on_the_configured_threads(
+    tiny: TinyModel, tmp_path: Path
+) -> None:
+    # OpenMP keeps thread counts per thread: the main thread's setting alone would
+    # leave the batch thread on one thread per core.
+    url = f"sqlite:///{tmp_path / 'state.db'}"
+    run_migrations(url)
+    settings = Settings.model_validate(
+        {"worker": {"cpu_threads": 1, "web_port": 0}, "artifacts": {"root": str(tiny.root)}}
+    )
+    ctx = create_app(settings, make_engine(url))
+    try:
+        threads = ctx.executor.submit(faiss.omp_get_max_threads).result()
+    finally:
+        ctx.executor.shutdown()
+    assert threads == 1
