@@ -152,8 +152,8 @@ def search(
     vectors = flat_vectors(index)
     if vectors is not None and len(queries) > 1:
         # Exact search as one matrix product and a top-k over the index's own vectors:
-        # the same results, 2-2.6x faster than this FAISS build's CPU flat search for
-        # 5-170 queries over 55k items (its small-block BLAS path; docs/benchmarks.md).
+        # the same results, 1.4-2.5x faster than this FAISS build's CPU flat scan for
+        # 5-170 queries over 55k items (scripts/compare_search.py; docs/benchmarks.md).
         top = torch.topk(torch.from_numpy(queries) @ torch.from_numpy(vectors).T, k)
         scores, ids = top.values.numpy(), top.indices.numpy()
     else:

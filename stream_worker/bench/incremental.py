@@ -129,8 +129,12 @@ def plot_incremental(results: list[IncrementalResult], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4), squeeze=False)
-    for ax, r in zip(axes[0], results, strict=True):
+    cols = min(2, len(results))
+    rows = -(-len(results) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 4 * rows), squeeze=False)
+    for ax in axes.flat[len(results) :]:
+        ax.set_visible(False)
+    for ax, r in zip(axes.flat, results, strict=False):
         for label, values in (("full encode", r.full_ms), ("with cache", r.cached_ms)):
             xs = np.sort(np.array(values))
             ax.plot(xs, np.arange(1, len(xs) + 1) / len(xs), label=label)
