@@ -195,10 +195,6 @@ class Recommender:
             for n, row in enumerate(rows):
                 new_kv[row] = kv[n, : len(items[n])]
 
-        # Every history not answered from the cache runs from its cached keys and
-        # values (none when encoded in full), grouped by the number of new items, which
-        # sets a group's padded compute (one user's burst of clicks would otherwise pad
-        # every row to its length); the cached part only adds keys.
         # Full windows are not kept (they slide at the next event): the plain encoder,
         # which returns no keys and values, is cheaper for them.
         sliding = [
@@ -206,6 +202,10 @@ class Recommender:
         ]
         if sliding:
             out[sliding] = self._encode_windows([histories[i] for i in sliding])
+        # The others run from their cached keys and values (none for a new entry),
+        # grouped by the number of new items, which sets a group's padded compute (one
+        # user's burst of clicks would otherwise pad every row to its length); the
+        # cached part only adds keys.
         rest = [
             i
             for i, plan in enumerate(plans)
@@ -216,7 +216,7 @@ class Recommender:
             for plan, entry in ((plans[i], entries[i]) for i in rest)
         ]
         done = [0 if past is None else past.size(0) for past in pasts]
-        new_items = [histories[i][n:][-max_len:] for i, n in zip(rest, done, strict=True)]
+        new_items = [histories[i][n:] for i, n in zip(rest, done, strict=True)]
         nothing = torch.zeros(0, width, device=self.device)
         for group in length_buckets([len(items) for items in new_items], 4.0):
             run(
