@@ -332,10 +332,10 @@ def limit_cpu_threads(threads: int) -> None:
     """Run torch and FAISS on ``threads`` OpenMP threads from the calling thread on.
 
     OpenMP keeps the thread count per thread: set only in the main thread, the batch
-    thread would still run every operator on one thread per core (measured: a FAISS
-    search used 25 ms of CPU in 13 ms there). Called in each thread that encodes or
-    searches. OpenMP threads that wait for each other at every operator stall whenever
-    one of them is descheduled, as on cores shared with the broker.
+    thread would still run every operator on one thread per core, so it is called in
+    each thread that encodes or searches. OpenMP threads that wait for each other at
+    every operator stall whenever one of them is descheduled, as on cores shared with
+    the broker.
     """
     torch.set_num_threads(threads)
     faiss.omp_set_num_threads(threads)

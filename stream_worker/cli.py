@@ -445,8 +445,8 @@ def bench_incremental(
     batch_events: Annotated[
         str,
         typer.Option(
-            help="Events per batch, comma-separated (the worker's mean batch at a load: "
-            "~90 for Taobao at 2,000 events/s, 1,000 unthrottled)."
+            help="Events per batch, comma-separated (the worker's mean batch: 30-90 for "
+            "Taobao at 2,000 events/s, ~1,000 unthrottled)."
         ),
     ] = "90,1000",
     cache_mb: Annotated[int, typer.Option(min=1, help="The encoder cache's budget.")] = 256,
