@@ -365,6 +365,22 @@ DeviceOpt = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
 QuickOpt = Annotated[bool, typer.Option(help="Tiny sizes: a smoke run of a few seconds.")]
 
 
+DatasetOpt = Annotated[
+    list[str] | None, typer.Option(help="taobao and/or ml-1m (repeat); default both.")
+]
+DataRootOpt = Annotated[Path, typer.Option(help="Folder of the shared datasets.")]
+
+
+def _datasets(chosen: list[str] | None) -> list[str]:
+    """The benchmark datasets asked for (all by default), each one known."""
+    from stream_worker.bench.e2e import DATASETS
+
+    unknown = sorted(set(chosen or []) - set(DATASETS))
+    if unknown:
+        raise ConfigError(f"unknown dataset {unknown[0]!r}; choose from {', '.join(DATASETS)}")
+    return chosen or list(DATASETS)
+
+
 def _floats(spec: str, option: str) -> list[float]:
     try:
         values = [float(v) for v in spec.split(",") if v.strip()]
@@ -377,12 +393,8 @@ def _floats(spec: str, option: str) -> list[float]:
 
 @bench_app.command("e2e")
 def bench_e2e(
-    dataset: Annotated[
-        list[str] | None, typer.Option(help="taobao and/or ml-1m (repeat); default both.")
-    ] = None,
-    data_root: Annotated[Path, typer.Option(help="Folder of the shared datasets.")] = Path(
-        "../shared/data"
-    ),
+    dataset: DatasetOpt = None,
+    data_root: DataRootOpt = Path("../shared/data"),
     events: Annotated[int, typer.Option(min=1, help="Events per unthrottled replay.")] = 100_000,
     rates: Annotated[
         str, typer.Option(help="Offered loads in events/s, comma-separated; 0: unthrottled.")
@@ -411,15 +423,11 @@ def bench_e2e(
     out: BenchOutOpt = Path("bench-out/e2e"),
 ) -> None:
     """Replay real events through a broker into one worker; throughput, latency, stages."""
-    from stream_worker.bench.e2e import DATASETS, run_e2e
+    from stream_worker.bench.e2e import run_e2e
 
     load_settings()
-    dataset = dataset or list(DATASETS)
-    unknown = sorted(set(dataset) - set(DATASETS))
-    if unknown:
-        raise ConfigError(f"unknown dataset {unknown[0]!r}; choose from {', '.join(DATASETS)}")
     report = run_e2e(
-        datasets=dataset,
+        datasets=_datasets(dataset),
         data_root=data_root,
         events=events,
         rates=_floats(rates, "--rates"),
@@ -435,12 +443,8 @@ def bench_e2e(
 
 @bench_app.command("incremental")
 def bench_incremental(
-    dataset: Annotated[
-        list[str] | None, typer.Option(help="taobao and/or ml-1m (repeat); default both.")
-    ] = None,
-    data_root: Annotated[Path, typer.Option(help="Folder of the shared datasets.")] = Path(
-        "../shared/data"
-    ),
+    dataset: DatasetOpt = None,
+    data_root: DataRootOpt = Path("../shared/data"),
     events: Annotated[int, typer.Option(min=1, help="Events to replay per dataset.")] = 100_000,
     batch_events: Annotated[
         str,
@@ -454,19 +458,15 @@ def bench_incremental(
     out: BenchOutOpt = Path("bench-out/incremental"),
 ) -> None:
     """The encode stage on real event order, with and without the encoder cache."""
-    from stream_worker.bench.e2e import DATASETS
     from stream_worker.bench.incremental import run_incremental
 
     load_settings()
-    dataset = dataset or list(DATASETS)
-    unknown = sorted(set(dataset) - set(DATASETS))
-    if unknown:
-        raise ConfigError(f"unknown dataset {unknown[0]!r}; choose from {', '.join(DATASETS)}")
+    datasets = _datasets(dataset)
     sizes = [int(v) for v in _floats(batch_events, "--batch-events")]
     if any(size < 1 for size in sizes):
         raise ConfigError(f"--batch-events must be whole numbers >= 1: {batch_events!r}")
     report = run_incremental(
-        datasets=dataset,
+        datasets=datasets,
         data_root=data_root,
         events=events,
         batch_events=sizes,
