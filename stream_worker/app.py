@@ -349,25 +349,26 @@ def create_app(settings: Settings, engine: Engine) -> WorkerContext:
         metrics.swaps.inc()
         metrics.set_version(recommender.model_version, recommender.index_version)
 
+    threads = settings.worker.cpu_threads
+
+    def setup_thread() -> None:
+        if threads:
+            limit_cpu_threads(threads)
+
     watcher = VersionWatcher(
         settings.artifacts.root,
         settings.worker.device,
         settings.artifacts.poll_interval_s,
         on_swap=on_swap,
         cache_bytes=settings.worker.encoder_cache_mb * 2**20,
+        thread_setup=setup_thread,
     )
     active = watcher.active
     metrics.set_version(active.model_version, active.index_version)
     processor = BatchProcessor(settings, engine, watcher, metrics)
     # One thread: batches of this worker run strictly one after another, in order.
-    threads = settings.worker.cpu_threads
-
-    def init_batch_thread() -> None:
-        if threads:
-            limit_cpu_threads(threads)
-
     executor = ThreadPoolExecutor(
-        max_workers=1, thread_name_prefix="batch", initializer=init_batch_thread
+        max_workers=1, thread_name_prefix="batch", initializer=setup_thread
     )
     consumer = BatchConsumer(settings, processor, metrics, executor)
     app = App(

@@ -314,11 +314,14 @@ class VersionWatcher:
         poll_interval_s: float,
         on_swap: Callable[[Recommender], None] | None = None,
         cache_bytes: int = 0,
+        thread_setup: Callable[[], None] | None = None,
     ) -> None:
         self.root = root
         self.device = device
         self.poll_interval_s = poll_interval_s
         self.on_swap = on_swap
+        # Run first in the watcher's thread, which loads and warms up new versions.
+        self.thread_setup = thread_setup
         # Each version gets its own encoder cache: keys and values of another model's
         # weights mean nothing to it.
         self.cache_bytes = cache_bytes
@@ -390,6 +393,8 @@ class VersionWatcher:
             self._thread.join(timeout=10)
 
     def _run(self) -> None:
+        if self.thread_setup is not None:
+            self.thread_setup()
         while not self._stop.wait(self.poll_interval_s):
             try:
                 self.check_once()

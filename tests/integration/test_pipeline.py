@@ -2,6 +2,7 @@
 
 import json
 import logging
+import queue
 import time
 import warnings
 from pathlib import Path
@@ -238,7 +239,7 @@ def test_length_buckets_keep_every_row_once_within_the_ratio() -> None:
     assert search_depth(10, 5) == 15 and search_depth(10, 500) == 42
 
 
-def test_the_batch_thread_runs_torch_and_faiss_on_the_configured_threads(
+def test_the_batch_and_watcher_threads_run_torch_and_faiss_on_the_configured_threads(
     tiny: TinyModel, tmp_path: Path
 ) -> None:
     # OpenMP keeps thread counts per thread: the main thread's setting alone would
@@ -249,8 +250,20 @@ def test_the_batch_thread_runs_torch_and_faiss_on_the_configured_threads(
         {"worker": {"cpu_threads": 1, "web_port": 0}, "artifacts": {"root": str(tiny.root)}}
     )
     ctx = create_app(settings, make_engine(url))
+    # The version watcher's thread loads and warms up new versions: it sets them too.
+    setup, in_watcher = ctx.watcher.thread_setup, queue.Queue[int]()
+
+    def setup_and_report() -> None:
+        assert setup is not None
+        setup()
+        in_watcher.put(faiss.omp_get_max_threads())
+
+    ctx.watcher.thread_setup = setup_and_report
+    ctx.watcher.start()
     try:
         threads = ctx.executor.submit(faiss.omp_get_max_threads).result()
+        assert in_watcher.get(timeout=10) == 1
     finally:
         ctx.executor.shutdown()
+        ctx.watcher.stop()
     assert threads == 1
