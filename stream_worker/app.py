@@ -16,6 +16,7 @@ worker below its throughput target; ``recstream bench e2e`` measures both side b
 """
 
 import asyncio
+import functools
 import json
 import logging
 import time
@@ -329,7 +330,8 @@ class WorkerContext:
 
 
 def limit_cpu_threads(threads: int) -> None:
-    """Run torch and FAISS on ``threads`` OpenMP threads from the calling thread on.
+    """Run torch and FAISS on ``threads`` OpenMP threads from the calling thread on
+    (0: leave their defaults, one per core).
 
     OpenMP keeps the thread count per thread: set only in the main thread, the batch
     thread would still run every operator on one thread per core, so it is called in
@@ -337,8 +339,9 @@ def limit_cpu_threads(threads: int) -> None:
     every operator stall whenever one of them is descheduled, as on cores shared with
     the broker.
     """
-    torch.set_num_threads(threads)
-    faiss.omp_set_num_threads(threads)
+    if threads:
+        torch.set_num_threads(threads)
+        faiss.omp_set_num_threads(threads)
 
 
 def create_app(settings: Settings, engine: Engine) -> WorkerContext:
@@ -349,12 +352,7 @@ def create_app(settings: Settings, engine: Engine) -> WorkerContext:
         metrics.swaps.inc()
         metrics.set_version(recommender.model_version, recommender.index_version)
 
-    threads = settings.worker.cpu_threads
-
-    def setup_thread() -> None:
-        if threads:
-            limit_cpu_threads(threads)
-
+    setup_thread = functools.partial(limit_cpu_threads, settings.worker.cpu_threads)
     watcher = VersionWatcher(
         settings.artifacts.root,
         settings.worker.device,

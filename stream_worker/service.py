@@ -31,9 +31,8 @@ def prepare_worker(settings: Settings) -> WorkerContext:
     )
     if created:
         logger.info("created topics %s", ", ".join(created))
-    if settings.worker.cpu_threads:
-        # The model loads and warms up here; the batch thread sets its own (create_app).
-        limit_cpu_threads(settings.worker.cpu_threads)
+    # The model loads and warms up here; the batch thread sets its own (create_app).
+    limit_cpu_threads(settings.worker.cpu_threads)
     ctx = create_app(settings, engine)
     logger.info(
         "worker ready: database %s, topics %s -> %s (dead letters %s)",
