@@ -13,7 +13,6 @@ import importlib.util
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from types import ModuleType
 
@@ -22,6 +21,7 @@ import torch
 
 from model import sasrec
 from model.sequences import pad_left
+from stream_worker.bench.micro import interleaved_medians
 
 SHAPES = [(1, 200), (8, 50), (8, 200), (16, 100), (16, 200), (64, 200), (256, 50)]
 
@@ -65,14 +65,13 @@ def main() -> None:
             seqs = torch.from_numpy(pad_left(histories, 200))
             if not torch.allclose(encoders["base"](seqs), encoders["current"](seqs), atol=1e-4):
                 sys.exit(f"the encoders disagree at batch {batch}, length {length}")
-            times: dict[str, list[float]] = {"base": [], "current": []}
-            for call in range(args.calls + 5):
-                for name, encoder in encoders.items():
-                    started = time.perf_counter()
-                    encoder(seqs)
-                    if call >= 5:  # the first calls warm up TorchScript
-                        times[name].append(time.perf_counter() - started)
-            base, current = (float(np.median(times[n])) * 1000 for n in ("base", "current"))
+            # The first rounds warm up TorchScript.
+            medians = interleaved_medians(
+                {name: lambda e=encoder, s=seqs: e(s) for name, encoder in encoders.items()},
+                args.calls,
+                warmup=5,
+            )
+            base, current = medians["base"][0], medians["current"][0]
             print(
                 f"| {batch} | {length // 2}-{length} | {base:.2f} | {current:.2f} "
                 f"| {base / current:.2f}x |"

@@ -11,7 +11,6 @@ process's, so it includes any helper threads the BLAS library runs.
 """
 
 import argparse
-import time
 
 import faiss
 import numpy as np
@@ -19,6 +18,7 @@ import torch
 
 from model.config import IndexConfig
 from model.index import build_index, search
+from stream_worker.bench.micro import interleaved_medians
 
 
 def main() -> None:
@@ -47,19 +47,14 @@ def main() -> None:
         _, faiss_ids = index.search(queries, args.k)
         _, ids = search(index, queries, args.k)
         same = bool((ids == faiss_ids + 1).all())
-        times: dict[str, list[float]] = {"faiss": [], "ours": []}
-        cpu: dict[str, list[float]] = {"faiss": [], "ours": []}
-        for _ in range(args.repeats):
-            for name, call in (
-                ("faiss", lambda q=queries: index.search(q, args.k)),
-                ("ours", lambda q=queries: search(index, q, args.k)),
-            ):
-                started, cpu_started = time.perf_counter(), time.process_time()
-                call()
-                times[name].append((time.perf_counter() - started) * 1000)
-                cpu[name].append((time.process_time() - cpu_started) * 1000)
-        a, b = np.median(times["faiss"]), np.median(times["ours"])
-        ca, cb = np.median(cpu["faiss"]), np.median(cpu["ours"])
+        medians = interleaved_medians(
+            {
+                "faiss": lambda q=queries: index.search(q, args.k),
+                "ours": lambda q=queries: search(index, q, args.k),
+            },
+            args.repeats,
+        )
+        (a, ca), (b, cb) = medians["faiss"], medians["ours"]
         print(
             f"| {nq} | {a:.2f} | {b:.2f} | {a / b:.2f}x | {ca:.2f} | {cb:.2f} "
             f"| {'yes' if same else 'no'} |"

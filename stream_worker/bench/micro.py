@@ -22,7 +22,7 @@ import os
 import platform
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -115,6 +115,24 @@ def _time_calls(
         if len(times) >= min_calls and time.perf_counter() - started >= budget_s:
             break
     return np.asarray(times, dtype=np.float64)
+
+
+def interleaved_medians(
+    calls: Mapping[str, Callable[[], object]], repeats: int, warmup: int = 0
+) -> dict[str, tuple[float, float]]:
+    """Median wall and CPU ms per call of each of ``calls``, timed in turn round after
+    round so that side-by-side figures share the machine's state; the first ``warmup``
+    rounds are not counted. CPU time is the process's (helper threads included)."""
+    wall: dict[str, list[float]] = {name: [] for name in calls}
+    cpu: dict[str, list[float]] = {name: [] for name in calls}
+    for round_ in range(warmup + repeats):
+        for name, call in calls.items():
+            started, cpu_started = time.perf_counter(), time.process_time()
+            call()
+            if round_ >= warmup:
+                wall[name].append((time.perf_counter() - started) * 1000)
+                cpu[name].append((time.process_time() - cpu_started) * 1000)
+    return {name: (float(np.median(wall[name])), float(np.median(cpu[name]))) for name in calls}
 
 
 def _median_p99_ms(seconds: npt.NDArray[np.float64]) -> tuple[float, float]:

@@ -15,6 +15,7 @@ from stream_worker.bench.micro import (
     bench_encoder,
     bench_index,
     clustered_vectors,
+    interleaved_medians,
     ivf_nlist,
     mixture_centers,
     run_encoder,
@@ -142,3 +143,13 @@ def test_clustered_vectors_are_unit_norm_float32() -> None:
     assert vectors.shape == (5_000, 16)
     assert vectors.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, rtol=1e-5)
+
+
+def test_interleaved_medians_time_each_call_in_turn_after_the_warm_up() -> None:
+    order: list[str] = []
+    medians = interleaved_medians(
+        {"a": lambda: order.append("a"), "b": lambda: order.append("b")}, repeats=3, warmup=2
+    )
+    assert order == ["a", "b"] * 5
+    assert set(medians) == {"a", "b"}
+    assert all(wall >= 0 and cpu >= 0 for wall, cpu in medians.values())
