@@ -14,7 +14,10 @@ interpreter), and measures:
 - the worker's per-batch stage times, scraped from its ``/metrics``;
 - the worker's peak RSS;
 - the CPU each process (worker, broker, producer, collector) used during the timed
-  replay, in cores: on a small machine the load generator competes with the worker.
+  replay, in cores: on a small machine the load generator competes with the worker;
+  and the worker's and the broker's CPU second by second, plotted, since a broker
+  whose cost per fetch grows with the log (tansu's in-memory store) shows up only
+  over time.
 
 Offered load 0 means unthrottled: the events are loaded into the topic first and the
 worker drains them. In the same run a bare aiokafka consume -> decode -> produce loop
@@ -22,6 +25,7 @@ drains the same topic, the ceiling for a Python Kafka consumer on this machine, 
 worker/bare ratio is reported.
 """
 
+import itertools
 import json
 import logging
 import multiprocessing as mp
@@ -29,6 +33,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 import uuid
@@ -87,6 +92,8 @@ class LoadResult:
     sent_per_s: float = 0.0  # the rate the producer achieved (below ``offered`` if starved)
     full_gcs: int = 0  # the worker's full (generation 2) collections
     full_gc_ms: float = 0.0  # and their pauses, in all
+    # Worker and broker cores in each second of the timed replay.
+    cpu_timeline: dict[str, list[float]] = field(default_factory=dict)
 
 
 @dataclass
@@ -133,7 +140,56 @@ def proc_cpu_seconds(stat: str, ticks_per_s: float) -> float:
     return (int(fields[11]) + int(fields[12])) / ticks_per_s
 
 
-def _cpu_seconds(pid: int | None) -> float:
+def cores_per_interval(readings: Sequence[tuple[float, float]]) -> list[float]:
+    """Cores in use between consecutive ``(wall s, cumulative CPU s)`` readings."""
+    return [
+        round((cpu - cpu0) / (t - t0), 3) if t > t0 else float("nan")
+        for (t0, cpu0), (t, cpu) in itertools.pairwise(readings)
+    ]
+
+
+def first_and_last_third(timeline: Sequence[float]) -> tuple[float, float]:
+    """Mean of the first and of the last third of a timeline (NaN when too short)."""
+    third = len(timeline) // 3
+    if third == 0:
+        return float("nan"), float("nan")
+    return float(np.mean(timeline[:third])), float(np.mean(timeline[-third:]))
+
+
+class CpuSampler:
+    """Reads the CPU time of some processes every ``interval_s`` on a thread, from
+    ``start()`` to ``stop()``; ``timeline()`` gives each one's cores per interval."""
+
+    def __init__(self, pids: dict[str, int | None], interval_s: float = 1.0) -> None:
+        self.pids = {name: pid for name, pid in pids.items() if pid is not None}
+        self.interval_s = interval_s
+        self._readings: dict[str, list[tuple[float, float]]] = {n: [] for n in self.pids}
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="cpu-sampler", daemon=True)
+
+    def _read(self) -> None:
+        now = time.monotonic()
+        for name, pid in self.pids.items():
+            self._readings[name].append((now, cpu_seconds_of(pid)))
+
+    def _run(self) -> None:
+        self._read()
+        while not self._stopped.wait(self.interval_s):
+            self._read()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._thread.join()
+        self._read()  # the last, partial interval
+
+    def timeline(self) -> dict[str, list[float]]:
+        return {name: cores_per_interval(r) for name, r in self._readings.items()}
+
+
+def cpu_seconds_of(pid: int | None) -> float:
     if pid is None:
         return float("nan")
     try:
@@ -540,12 +596,15 @@ class Bench:
             # Timed from here: the replay starts, or (preloaded) the worker has been
             # draining the backlog since it joined.
             timed.set()
-            before = {name: _cpu_seconds(pid) for name, pid in pids.items()}
+            before = {name: cpu_seconds_of(pid) for name, pid in pids.items()}
             window_start = time.monotonic()
+            sampler = CpuSampler(pids)
+            sampler.start()
             _join(producer, "producer")
             _join(collector, "collector")
+            sampler.stop()
             window = time.monotonic() - window_start
-            used = {name: _cpu_seconds(pid) - before[name] for name, pid in pids.items()}
+            used = {name: cpu_seconds_of(pid) - before[name] for name, pid in pids.items()}
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
                 metrics_text = resp.read().decode()
             peak_rss = _peak_rss_mb(worker.pid)
@@ -573,6 +632,7 @@ class Bench:
         used["producer"] = cpu["producer"].value if rate else 0.0
         used["collector"] = cpu["collector"].value
         result.cpu_cores = {name: round(used[name] / window, 2) for name in PROCESSES}
+        result.cpu_timeline = sampler.timeline()
         np.save(self.workdir / f"{tag}-latency.npy", latencies)
         if self.database_url is None:
             Path(url.removeprefix("sqlite:///")).unlink(missing_ok=True)
@@ -671,18 +731,52 @@ def format_stages(results: Sequence[LoadResult]) -> str:
 def format_cpu(results: Sequence[LoadResult]) -> str:
     lines = [
         "| dataset | offered ev/s | " + " | ".join(PROCESSES) + " | all "
+        "| broker, first / last third of the replay "
         "| worker's full GCs (ms in all) |",
-        "|---|---|" + "---|" * (len(PROCESSES) + 2),
+        "|---|---|" + "---|" * (len(PROCESSES) + 3),
     ]
     for r in results:
         cells = [f"{r.cpu_cores.get(p, float('nan')):.2f}" for p in PROCESSES]
         offered = _offered(r)
         total = sum(v for v in r.cpu_cores.values() if not np.isnan(v))
+        first, last = first_and_last_third(r.cpu_timeline.get("broker", []))
         gcs = f"{r.full_gcs} ({r.full_gc_ms:,.0f})"
         lines.append(
-            f"| {r.dataset} | {offered} | " + " | ".join(cells) + f" | {total:.2f} | {gcs} |"
+            f"| {r.dataset} | {offered} | " + " | ".join(cells) + f" | {total:.2f} "
+            f"| {first:.2f} / {last:.2f} | {gcs} |"
         )
     return "\n".join(lines)
+
+
+def plot_cpu_timeline(results: Sequence[LoadResult], path: Path) -> None:
+    """Worker and broker cores over each replay, one panel per dataset and load."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [r for r in results if r.cpu_timeline]
+    if not shown:
+        return
+    cols = min(len(shown), 4)
+    rows = -(-len(shown) // cols)
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(3.6 * cols, 2.8 * rows), sharey=True, squeeze=False
+    )
+    for ax, r in zip(axes.flat, shown, strict=False):
+        for name, cores in r.cpu_timeline.items():
+            ax.plot(np.arange(1, len(cores) + 1), cores, label=name, linewidth=1.3)
+        ax.set_title(f"{r.dataset} {_offered(r)}" + (" ev/s" if r.offered else ""), fontsize=9)
+        ax.set_xlabel("seconds into the replay", fontsize=8)
+        ax.grid(alpha=0.3)
+    for ax in axes.flat[len(shown) :]:
+        ax.set_visible(False)
+    axes[0][0].set_ylabel("cores")
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle("CPU of the worker and the broker during each replay", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def plot_latency(results: Sequence[LoadResult], workdir: Path, path: Path) -> None:
@@ -761,6 +855,7 @@ def run_e2e(
                 results.append(bench.run_load(sliced, rate))
                 logger.info("%s", results[-1])
     plot_latency(results, work, out_dir / "latency_histogram.png")
+    plot_cpu_timeline(results, out_dir / "cpu_timeline.png")
     (out_dir / "e2e.json").write_text(
         json.dumps(
             {"loads": [asdict(r) for r in results], "bare": [asdict(b) for b in bare]}, indent=2

@@ -2,13 +2,19 @@
 
 import gc
 import math
+import os
+import threading
+import time
 
 import numpy as np
 
 from stream_worker.bench.e2e import (
     BareResult,
+    CpuSampler,
     LoadResult,
+    cores_per_interval,
     event_latencies,
+    first_and_last_third,
     format_cpu,
     format_loads,
     format_stages,
@@ -71,8 +77,47 @@ def test_cpu_table_sums_the_processes() -> None:
     result = summarise("ml-1m", 0, np.array([1.0]), 0.0, 1.0, np.array([1.0]))
     result.cpu_cores = {"worker": 0.9, "broker": 0.4, "producer": 0.0, "collector": 0.2}
     result.full_gcs, result.full_gc_ms = 2, 301.0
+    result.cpu_timeline = {"broker": [0.2, 0.3, 0.4, 0.5, 0.6, 0.7]}
     table = format_cpu([result])
-    assert "| ml-1m | unthrottled | 0.90 | 0.40 | 0.00 | 0.20 | 1.50 | 2 (301) |" in table
+    assert (
+        "| ml-1m | unthrottled | 0.90 | 0.40 | 0.00 | 0.20 | 1.50 | 0.25 / 0.65 | 2 (301) |"
+        in table
+    )
+
+
+def test_cores_per_interval_divide_cpu_by_wall_time() -> None:
+    readings = [(0.0, 10.0), (1.0, 10.5), (3.0, 12.5), (3.0, 12.5)]
+    assert cores_per_interval(readings)[:2] == [0.5, 1.0]
+    assert math.isnan(cores_per_interval(readings)[2])  # no wall time: no figure
+    assert cores_per_interval(readings[:1]) == []
+
+
+def test_first_and_last_third_need_three_samples() -> None:
+    assert first_and_last_third([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]) == (1.5, 6.5)
+    assert all(math.isnan(v) for v in first_and_last_third([1.0, 2.0]))
+
+
+def test_the_sampler_sees_a_busy_thread_and_not_an_idle_process() -> None:
+    stop = threading.Event()
+
+    def spin() -> None:
+        while not stop.is_set():
+            pass
+
+    sampler = CpuSampler({"me": os.getpid(), "gone": None}, interval_s=0.1)
+    busy = threading.Thread(target=spin)
+    busy.start()
+    sampler.start()
+    time.sleep(0.6)
+    stop.set()
+    busy.join()
+    time.sleep(0.5)
+    sampler.stop()
+    timeline = sampler.timeline()
+    assert list(timeline) == ["me"]  # an external broker has no pid to read
+    cores = [c for c in timeline["me"] if not math.isnan(c)]
+    assert max(cores) > 0.4  # the spinning thread holds most of a core
+    assert min(cores) < 0.2  # and nothing is spent once it stopped
 
 
 def test_full_collections_are_recorded_apart_from_young_ones() -> None:
