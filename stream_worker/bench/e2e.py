@@ -94,6 +94,8 @@ class LoadResult:
     full_gc_ms: float = 0.0  # and their pauses, in all
     # Worker and broker cores in each second of the timed replay.
     cpu_timeline: dict[str, list[float]] = field(default_factory=dict)
+    # p99 ms to publish of the first, middle and last third of the events sent.
+    publish_p99_by_third: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -263,6 +265,7 @@ def summarise(
     seconds = max(last_answer_ms - first_send_ms, 1.0) / 1000
     pct = _percentiles(answered, [50, 95, 99])
     pub = _percentiles(to_publish[~np.isnan(to_publish)], [50, 99])
+    by_third = [_percentiles(t[~np.isnan(t)], [99])[0] for t in np.array_split(to_publish, 3)]
     return LoadResult(
         dataset=dataset,
         offered=offered,
@@ -278,6 +281,7 @@ def summarise(
         publish_p99_ms=round(float(pub[1]), 1),
         batches=0,
         mean_batch=0.0,
+        publish_p99_by_third=[round(float(v), 1) for v in by_third],
     )
 
 
@@ -731,20 +735,37 @@ def format_stages(results: Sequence[LoadResult]) -> str:
 def format_cpu(results: Sequence[LoadResult]) -> str:
     lines = [
         "| dataset | offered ev/s | " + " | ".join(PROCESSES) + " | all "
-        "| broker, first / last third of the replay "
         "| worker's full GCs (ms in all) |",
-        "|---|---|" + "---|" * (len(PROCESSES) + 3),
+        "|---|---|" + "---|" * (len(PROCESSES) + 2),
     ]
     for r in results:
         cells = [f"{r.cpu_cores.get(p, float('nan')):.2f}" for p in PROCESSES]
         offered = _offered(r)
         total = sum(v for v in r.cpu_cores.values() if not np.isnan(v))
-        first, last = first_and_last_third(r.cpu_timeline.get("broker", []))
         gcs = f"{r.full_gcs} ({r.full_gc_ms:,.0f})"
         lines.append(
-            f"| {r.dataset} | {offered} | " + " | ".join(cells) + f" | {total:.2f} "
-            f"| {first:.2f} / {last:.2f} | {gcs} |"
+            f"| {r.dataset} | {offered} | " + " | ".join(cells) + f" | {total:.2f} | {gcs} |"
         )
+    return "\n".join(lines)
+
+
+def format_drift(results: Sequence[LoadResult]) -> str:
+    """First against last third of each throttled replay: the worker's and the
+    broker's cores and the p99 to publish (unthrottled latency is queueing)."""
+    lines = [
+        "| dataset | offered ev/s | worker cores | broker cores | p99 ms to publish |",
+        "|---|---|---|---|---|",
+    ]
+    for r in results:
+        if not r.offered:
+            continue
+        cells = []
+        for name in ("worker", "broker"):
+            first, last = first_and_last_third(r.cpu_timeline.get(name, []))
+            cells.append(f"{first:.2f} -> {last:.2f}")
+        p99 = r.publish_p99_by_third
+        cells.append(f"{p99[0]:.1f} -> {p99[-1]:.1f}" if p99 else "-")
+        lines.append(f"| {r.dataset} | {_offered(r)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -875,6 +896,8 @@ def run_e2e(
         f"\n\nCPU in use during the timed replay, in cores (this machine has {os.cpu_count()}):\n\n"
     )
     report += format_cpu(results)
+    report += "\n\nFirst third of each throttled replay -> last third:\n\n"
+    report += format_drift(results)
     (out_dir / "e2e.md").write_text(report + "\n")
     return report
 

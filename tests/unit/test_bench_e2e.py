@@ -16,6 +16,7 @@ from stream_worker.bench.e2e import (
     event_latencies,
     first_and_last_third,
     format_cpu,
+    format_drift,
     format_loads,
     format_stages,
     full_gc_pauses,
@@ -77,12 +78,22 @@ def test_cpu_table_sums_the_processes() -> None:
     result = summarise("ml-1m", 0, np.array([1.0]), 0.0, 1.0, np.array([1.0]))
     result.cpu_cores = {"worker": 0.9, "broker": 0.4, "producer": 0.0, "collector": 0.2}
     result.full_gcs, result.full_gc_ms = 2, 301.0
-    result.cpu_timeline = {"broker": [0.2, 0.3, 0.4, 0.5, 0.6, 0.7]}
     table = format_cpu([result])
-    assert (
-        "| ml-1m | unthrottled | 0.90 | 0.40 | 0.00 | 0.20 | 1.50 | 0.25 / 0.65 | 2 (301) |"
-        in table
-    )
+    assert "| ml-1m | unthrottled | 0.90 | 0.40 | 0.00 | 0.20 | 1.50 | 2 (301) |" in table
+
+
+def test_drift_compares_the_first_and_last_third_of_throttled_replays() -> None:
+    to_publish = np.array([10.0, 10.0, 20.0, 20.0, 90.0, np.nan])
+    result = summarise("taobao", 2000, to_publish + 5, 0.0, 1.0, to_publish)
+    assert result.publish_p99_by_third == [10.0, 20.0, 90.0]
+    result.cpu_timeline = {
+        "worker": [0.7, 0.7, 0.7, 0.7, 0.7, 0.7],
+        "broker": [0.2, 0.3, 0.4, 0.5, 0.6, 0.7],
+    }
+    unthrottled = summarise("taobao", 0, to_publish, 0.0, 1.0, to_publish)
+    table = format_drift([result, unthrottled])
+    assert "| taobao | 2,000 | 0.70 -> 0.70 | 0.25 -> 0.65 | 10.0 -> 90.0 |" in table
+    assert "unthrottled" not in table  # its latency is queueing, not a figure of merit
 
 
 def test_cores_per_interval_divide_cpu_by_wall_time() -> None:
