@@ -17,7 +17,7 @@ import torch
 
 from model.artifacts import LoadedVersion, load_version, read_current
 from model.errors import ArtifactError
-from model.index import search, to_device
+from model.index import ExactScorer, search, to_device
 from model.sequences import pad_left, pad_right
 from model.train import resolve_device
 from stream_worker.encoder_cache import CachedUser, EncoderCache, Reuse, reuse
@@ -98,6 +98,8 @@ class Recommender:
     # Per-user keys and values for incremental encoding; None: every history is
     # encoded in full (no budget, or an encoder exported before ``extend`` existed).
     cache: EncoderCache | None = None
+    # Exact CPU indexes are searched in batches by this scorer; None: by FAISS.
+    scorer: ExactScorer | None = None
 
     @classmethod
     def load(
@@ -120,7 +122,9 @@ class Recommender:
                     "recstream); every history is encoded in full",
                     loaded.version,
                 )
-        recommender = cls(loaded, torch_device, index, loaded.item_index(), cache)
+        recommender = cls(
+            loaded, torch_device, index, loaded.item_index(), cache, ExactScorer.of(index)
+        )
         recommender.warm_up()
         return recommender
 
@@ -273,7 +277,8 @@ class Recommender:
         vectors = self.user_vectors(histories, users, times)
         encoded = time.perf_counter()
         seen_sets = [set(h) for h in histories]
-        scores, ids = search(self.index, vectors, search_depth(k, max(map(len, seen_sets))))
+        depth = search_depth(k, max(map(len, seen_sets)))
+        scores, ids = search(self.index, vectors, depth, self.scorer)
         search_s = time.perf_counter() - encoded
         short = []
         for row, user in enumerate(known_users):
@@ -285,9 +290,8 @@ class Recommender:
                 short.append(row)
         if short:  # the rare users whose seen items crowded out the first pass
             again = time.perf_counter()
-            scores, ids = search(
-                self.index, vectors[short], k + max(len(seen_sets[r]) for r in short)
-            )
+            depth = k + max(len(seen_sets[r]) for r in short)
+            scores, ids = search(self.index, vectors[short], depth, self.scorer)
             search_s += time.perf_counter() - again
             for n, row in enumerate(short):
                 out[known_users[row]] = top_k_unseen(

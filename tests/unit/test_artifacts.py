@@ -20,7 +20,7 @@ from model.artifacts import (
 )
 from model.config import IndexConfig
 from model.errors import ArtifactError, IndexBuildError
-from model.index import build_index, flat_vectors, load_index, save_index, search
+from model.index import ExactScorer, build_index, flat_vectors, load_index, save_index, search
 from model.sasrec import SASRec, script_encoder
 from model.sequences import pad_left
 
@@ -56,9 +56,11 @@ def test_exact_index_top_k_equals_eager_full_scoring(model: SASRec, tmp_path: Pa
         eager_scores = model.score_all(batch)[:, 1:]  # drop padding column
         user_vectors = loaded.encoder(batch).numpy()
     k = 10
-    _, ids = search(loaded.index, user_vectors, k)
     expected = torch.topk(eager_scores, k, dim=1).indices.numpy() + 1
-    assert (ids == expected).all()
+    # FAISS's own search, and the worker's scorer over the same index.
+    for scorer in (None, ExactScorer.of(loaded.index)):
+        _, ids = search(loaded.index, user_vectors, k, scorer)
+        assert (ids == expected).all()
 
 
 def test_publish_writes_manifest_with_checksums_and_switches_current(
@@ -134,20 +136,30 @@ def test_ivf_with_too_few_items_is_a_clear_error() -> None:
         build_index(vectors, IndexConfig(factory="IVF64,Flat"))
 
 
-def test_exact_search_by_matrix_product_returns_what_faiss_returns(tmp_path: Path) -> None:
-    rng = np.random.default_rng(3)
-    vectors = rng.standard_normal((2000, 16)).astype(np.float32)
+@pytest.mark.parametrize("items", [20_000, 64 * 400, 130])
+def test_the_exact_scorer_returns_what_faiss_returns(tmp_path: Path, items: int) -> None:
+    rng = np.random.default_rng(items)
+    vectors = rng.standard_normal((items, 16)).astype(np.float32)
     index, _ = build_index(vectors, IndexConfig())
     view = flat_vectors(index)
     assert view is not None and np.shares_memory(view, faiss.rev_swig_ptr(index.get_xb(), 1))
-    queries = rng.standard_normal((40, 16)).astype(np.float32)
-    scores, ids = search(index, queries, 25)
-    faiss_scores, faiss_ids = index.search(queries, 25)
-    assert (ids == faiss_ids + 1).all()
-    assert np.allclose(scores, faiss_scores, atol=1e-4)
+    scorer = ExactScorer.of(index)
+    assert scorer is not None
+    # Top-k in two steps over blocks of 64 items, the last one full or part empty, and
+    # (130 items, k 120) a plain top-k where the blocks are few.
+    for k in (1, 10, 25, 120):
+        queries = rng.standard_normal((40, 16)).astype(np.float32)
+        scores, ids = search(index, queries, k, scorer)
+        faiss_scores, faiss_ids = index.search(queries, min(k, items))
+        # The same scores, rank by rank, each the true score of the item returned
+        # (items whose scores differ in the last bit may swap places).
+        assert np.allclose(scores, faiss_scores, atol=1e-4)
+        true = np.take_along_axis(queries.astype(np.float64) @ vectors.T, ids - 1, axis=1)
+        assert np.allclose(scores, true, atol=1e-4)
+        assert np.mean(ids == faiss_ids + 1) > 0.99
     # As the worker loads it from a version directory.
     save_index(index, tmp_path / "index.faiss")
-    assert flat_vectors(load_index(tmp_path / "index.faiss", IndexConfig())) is not None
+    assert ExactScorer.of(load_index(tmp_path / "index.faiss", IndexConfig())) is not None
     # Approximate indexes keep FAISS's own search.
-    ivf, _ = build_index(vectors, IndexConfig(factory="IVF16,Flat"))
-    assert flat_vectors(ivf) is None
+    ivf, _ = build_index(vectors, IndexConfig(factory="IVF2,Flat"))
+    assert flat_vectors(ivf) is None and ExactScorer.of(ivf) is None
