@@ -183,9 +183,10 @@ class CpuSampler:
         self._thread.start()
 
     def stop(self) -> None:
+        # The last, partial interval is left out: its few clock ticks over a short
+        # time would read as a spike or a drop.
         self._stopped.set()
         self._thread.join()
-        self._read()  # the last, partial interval
 
     def timeline(self) -> dict[str, list[float]]:
         return {name: cores_per_interval(r) for name, r in self._readings.items()}
