@@ -783,13 +783,14 @@ def plot_cpu_timeline(results: Sequence[LoadResult], path: Path) -> None:
     cols = min(len(shown), 4)
     rows = -(-len(shown) // cols)
     fig, axes = plt.subplots(
-        rows, cols, figsize=(3.6 * cols, 2.8 * rows), sharey=True, squeeze=False
+        rows, cols, figsize=(max(5.5, 3.6 * cols), 2.8 * rows + 0.4), sharey=True, squeeze=False
     )
     for ax, r in zip(axes.flat, shown, strict=False):
         for name, cores in r.cpu_timeline.items():
             ax.plot(np.arange(1, len(cores) + 1), cores, label=name, linewidth=1.3)
         ax.set_title(f"{r.dataset} {_offered(r)}" + (" ev/s" if r.offered else ""), fontsize=9)
         ax.set_xlabel("seconds into the replay", fontsize=8)
+        ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
     for ax in axes.flat[len(shown) :]:
         ax.set_visible(False)
