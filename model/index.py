@@ -175,7 +175,7 @@ class ExactScorer:
         scores = torch.from_numpy(queries) @ self.vectors_t
         scores[:, self.items :] = -torch.inf  # the padding of the last block
         blocks = scores.shape[1] // self.block
-        if k * 4 >= blocks:  # few blocks: the two steps would not read less
+        if k * 4 >= blocks:  # few blocks: one top-k over every item is as cheap
             top = torch.topk(scores, k)
             return top.values.numpy(), top.indices.numpy()
         by_block = scores.view(rows, blocks, self.block)

@@ -193,6 +193,7 @@ class CpuSampler:
 
 
 def cpu_seconds_of(pid: int | None) -> float:
+    """User + system CPU seconds a process has used so far (NaN: none, or gone)."""
     if pid is None:
         return float("nan")
     try:
