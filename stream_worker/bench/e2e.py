@@ -772,15 +772,18 @@ def format_drift(results: Sequence[LoadResult]) -> str:
 
 
 def plot_cpu_timeline(results: Sequence[LoadResult], path: Path) -> None:
-    """Worker and broker cores over each replay, one panel per dataset and load."""
+    """Worker and broker cores over each throttled replay, one panel per dataset and
+    load, on one scale."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    shown = [r for r in results if r.cpu_timeline]
+    # Throttled loads only: an unthrottled replay lasts a few seconds.
+    shown = [r for r in results if r.offered and r.cpu_timeline]
     if not shown:
         return
+    top = max(max(cores, default=0.0) for r in shown for cores in r.cpu_timeline.values())
     cols = min(len(shown), 4)
     rows = -(-len(shown) // cols)
     fig, axes = plt.subplots(
@@ -791,7 +794,7 @@ def plot_cpu_timeline(results: Sequence[LoadResult], path: Path) -> None:
             ax.plot(np.arange(1, len(cores) + 1), cores, label=name, linewidth=1.3)
         ax.set_title(f"{r.dataset} {_offered(r)}" + (" ev/s" if r.offered else ""), fontsize=9)
         ax.set_xlabel("seconds into the replay", fontsize=8)
-        ax.set_ylim(bottom=0)
+        ax.set_ylim(0, max(top, 0.1) * 1.1)
         ax.grid(alpha=0.3)
     for ax in axes.flat[len(shown) :]:
         ax.set_visible(False)
