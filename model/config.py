@@ -4,9 +4,12 @@ They are nested inside the application settings (``RECSTREAM_TRAIN__*``,
 ``RECSTREAM_INDEX__*``) and can also be built directly by tests and scripts.
 """
 
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import BaseModel, Field, model_validator
+
+BlockStyle = Literal["pre-norm", "sasrec"]
+BLOCK_STYLES: tuple[str, ...] = get_args(BlockStyle)
 
 
 class TrainConfig(BaseModel):
@@ -17,6 +20,11 @@ class TrainConfig(BaseModel):
     blocks: int = Field(2, ge=1, le=24)
     heads: int = Field(1, ge=1, le=64)
     dropout: float = Field(0.2, ge=0.0, lt=1.0)
+    block: BlockStyle = Field(
+        "pre-norm",
+        description="pre-norm, or sasrec: the SASRec paper's block (normed queries carry "
+        "the residual, keys and values from the block's input, ReLU).",
+    )
     loss: Literal["ce", "sampled-ce"] = "ce"
     negatives: int = Field(
         256, ge=1, description="Sampled negatives per position when loss is sampled-ce."

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model.config import TrainConfig
+from model.config import BLOCK_STYLES, TrainConfig
 
 
 class CausalSelfAttention(nn.Module):
@@ -40,6 +40,13 @@ class CausalSelfAttention(nn.Module):
             k, v = F.linear(x, self.qkv.weight[dim:], self.qkv.bias[dim:]).chunk(2, dim=2)
         return self.attend(q, k, v, key_mask, query is None)
 
+    def project(self, queries: Tensor, keys: Tensor) -> tuple[Tensor, Tensor]:
+        """Queries from ``queries`` and keys|values from ``keys`` (the two inputs of a
+        SASRec-style block): [B, Q, dim] and [B, K, 2 * dim]."""
+        dim = queries.size(2)
+        q = F.linear(queries, self.qkv.weight[:dim], self.qkv.bias[:dim])
+        return q, F.linear(keys, self.qkv.weight[dim:], self.qkv.bias[dim:])
+
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool) -> Tensor:
         """Projected queries [B, Q, dim] over keys and values [B, K, dim]: [B, Q, dim]."""
         batch, queries, dim = q.shape
@@ -59,17 +66,32 @@ class CausalSelfAttention(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: attention then a point-wise feed-forward network."""
+    """A transformer block: causal attention then a point-wise feed-forward network.
 
-    def __init__(self, dim: int, heads: int, dropout: float) -> None:
+    ``style`` "pre-norm": each sub-layer reads a layer-normed input and adds to the
+    residual stream (GELU). "sasrec", as in the SASRec paper's code: queries come from
+    the layer-normed input, keys and values from the block's input, the normed queries
+    carry the residual, and the feed-forward network reads and adds to a normed copy
+    (ReLU).
+    """
+
+    def __init__(self, dim: int, heads: int, dropout: float, style: str = "pre-norm") -> None:
         super().__init__()
+        if style not in BLOCK_STYLES:
+            raise ValueError(f"unknown block style {style!r}; expected one of {BLOCK_STYLES}")
+        self.sasrec = style == "sasrec"
         self.norm1 = nn.LayerNorm(dim)
         self.attn = CausalSelfAttention(dim, heads, dropout)
         self.norm2 = nn.LayerNorm(dim)
-        self.ffn = nn.Sequential(
-            nn.Linear(dim, dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(dim, dim)
-        )
+        act: nn.Module = nn.ReLU() if self.sasrec else nn.GELU()
+        self.ffn = nn.Sequential(nn.Linear(dim, dim), act, nn.Dropout(dropout), nn.Linear(dim, dim))
         self.drop = nn.Dropout(dropout)
+
+    def _feed_forward(self, x: Tensor) -> Tensor:
+        normed: Tensor = self.norm2(x)
+        residual = normed if self.sasrec else x
+        out: Tensor = residual + self.drop(self.ffn(normed))
+        return out
 
     def forward(
         self, x: Tensor, keep: Tensor, newest: Tensor | None = None, key_mask: Tensor | None = None
@@ -78,14 +100,19 @@ class Block(nn.Module):
         position, [B, 1, dim] gather indices) and ``key_mask``, only that position,
         [B, 1, dim], and ``keep`` is that position's."""
         normed = self.norm1(x)
-        if newest is None:
-            attended = self.attn(normed, None, None)
+        if self.sasrec:
+            queries = normed
+            if newest is not None:
+                queries = normed.gather(1, newest)
+            q, kv = self.attn.project(queries, x)
+            k, v = kv.chunk(2, dim=2)
+            x = queries + self.drop(self.attn.attend(q, k, v, key_mask, newest is None))
+        elif newest is None:
+            x = x + self.drop(self.attn(normed, None, None))
         else:
             attended = self.attn(normed, normed.gather(1, newest), key_mask)
-            x = x.gather(1, newest)
-        x = x + self.drop(attended)
-        x = x + self.drop(self.ffn(self.norm2(x)))
-        return x * keep
+            x = x.gather(1, newest) + self.drop(attended)
+        return self._feed_forward(x) * keep
 
     def extend(
         self, x: Tensor, keep: Tensor, past: Tensor, mask: Tensor | None, newest: Tensor | None
@@ -96,21 +123,26 @@ class Block(nn.Module):
         is 0); with ``newest`` ([B, 1, dim] gather indices) only each row's newest one
         does, as ``mask`` [B, 1, 1, N + M] allows, and the output is [B, 1, dim]."""
         dim = x.size(2)
-        qkv = self.attn.qkv(self.norm1(x))
-        q, k, v = qkv.split(dim, dim=2)
-        keys, values = k, v
+        normed = self.norm1(x)
+        if self.sasrec:
+            q, kv = self.attn.project(normed, x)
+            residual = normed
+        else:
+            qkv = self.attn.qkv(normed)
+            q, kv = qkv[:, :, :dim], qkv[:, :, dim:]  # views, no copy
+            residual = x
+        keys, values = kv[:, :, :dim], kv[:, :, dim:]
         if past.size(1) > 0:
-            keys = torch.cat([past[:, :, :dim], k], dim=1)
-            values = torch.cat([past[:, :, dim:], v], dim=1)
+            keys = torch.cat([past[:, :, :dim], keys], dim=1)
+            values = torch.cat([past[:, :, dim:], values], dim=1)
         if newest is None:
             attended = self.attn.attend(q, keys, values, mask, mask is None)
         else:
-            q, x = q.gather(1, newest), x.gather(1, newest)
+            q, residual = q.gather(1, newest), residual.gather(1, newest)
             attended = self.attn.attend(q, keys, values, mask, False)
             keep = keep.gather(1, newest[:, :, :1])
-        x = x + self.drop(attended)
-        x = x + self.drop(self.ffn(self.norm2(x)))
-        return x * keep, qkv[:, :, dim:]  # keys then values: a view, no copy
+        x = residual + self.drop(attended)
+        return self._feed_forward(x) * keep, kv
 
 
 class SASRec(nn.Module):
@@ -122,6 +154,7 @@ class SASRec(nn.Module):
         blocks: int = 2,
         heads: int = 1,
         dropout: float = 0.2,
+        block: str = "pre-norm",
     ) -> None:
         super().__init__()
         self.num_items = num_items
@@ -130,14 +163,14 @@ class SASRec(nn.Module):
         self.item_emb = nn.Embedding(num_items + 1, dim, padding_idx=0)
         self.pos_emb = nn.Embedding(max_len, dim)
         self.emb_drop = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList([Block(dim, heads, dropout) for _ in range(blocks)])
+        self.blocks = nn.ModuleList([Block(dim, heads, dropout, block) for _ in range(blocks)])
         self.final_norm = nn.LayerNorm(dim)
         self.scale = math.sqrt(dim)
         self._init_weights()
 
     @classmethod
     def from_config(cls, num_items: int, cfg: TrainConfig) -> "SASRec":
-        return cls(num_items, cfg.max_len, cfg.dim, cfg.blocks, cfg.heads, cfg.dropout)
+        return cls(num_items, cfg.max_len, cfg.dim, cfg.blocks, cfg.heads, cfg.dropout, cfg.block)
 
     def _init_weights(self) -> None:
         # N(0, 0.02) weights and zero biases (as GPT-2 and BERT): each residual branch

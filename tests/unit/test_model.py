@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from model.config import BLOCK_STYLES
 from model.evaluate import (
     evaluate_popularity,
     metrics_from_ranks,
@@ -14,9 +15,11 @@ from model.sasrec import SASRec, load_encoder, script_encoder
 from model.sequences import append_capped, pad_left
 
 
-def tiny_model(seed: int = 0, num_items: int = 50, max_len: int = 12) -> SASRec:
+def tiny_model(
+    seed: int = 0, num_items: int = 50, max_len: int = 12, block: str = "pre-norm"
+) -> SASRec:
     torch.manual_seed(seed)
-    return SASRec(num_items, max_len, dim=16, blocks=2, heads=2, dropout=0.1).eval()
+    return SASRec(num_items, max_len, dim=16, blocks=2, heads=2, dropout=0.1, block=block).eval()
 
 
 def random_sequences(n: int, num_items: int, max_len: int, seed: int = 1) -> list[np.ndarray]:
@@ -47,9 +50,12 @@ def test_padding_does_not_change_the_user_vector() -> None:
         assert torch.allclose(model.encode(seq), model.encode(padded), atol=1e-5)
 
 
+@pytest.mark.parametrize("block", BLOCK_STYLES)
 @pytest.mark.parametrize("heads", [1, 2])
-def test_encode_computes_only_the_newest_position_with_the_same_result(heads: int) -> None:
-    model = SASRec(num_items=50, max_len=12, dim=16, blocks=2, heads=heads, dropout=0.0).eval()
+def test_encode_computes_only_the_newest_position_with_the_same_result(
+    heads: int, block: str
+) -> None:
+    model = SASRec(50, 12, dim=16, blocks=2, heads=heads, dropout=0.0, block=block).eval()
     seqs = torch.from_numpy(pad_left(random_sequences(16, 50, 12), 12))
     with torch.no_grad():
         assert torch.allclose(model.encode(seqs), model(seqs)[:, -1, :], atol=1e-5)
@@ -62,21 +68,31 @@ def reference_hidden(model: SASRec, items: list[int]) -> torch.Tensor:
     causal = torch.ones(len(items), len(items), dtype=torch.bool).tril()
     for block in model.blocks:
         attn = block.attn
-        q, k, v = attn.qkv(block.norm1(x)).split(model.dim, dim=1)
+        normed = block.norm1(x)
+        q = attn.qkv(normed).split(model.dim, dim=1)[0]
+        # SASRec's block: keys and values from the block's input, not the normed one.
+        k, v = attn.qkv(x if block.sasrec else normed).split(model.dim, dim=1)[1:]
         heads = []
         for h in range(attn.heads):
             cols = slice(h * model.dim // attn.heads, (h + 1) * model.dim // attn.heads)
             scores = q[:, cols] @ k[:, cols].T / (model.dim // attn.heads) ** 0.5
             heads.append(scores.masked_fill(~causal, float("-inf")).softmax(-1) @ v[:, cols])
-        x = x + attn.out(torch.cat(heads, dim=1))
-        x = x + block.ffn(block.norm2(x))
+        if block.sasrec:  # the normed queries carry the residual, as does the normed input
+            x = normed + attn.out(torch.cat(heads, dim=1))
+            x = block.norm2(x) + block.ffn(block.norm2(x))
+        else:
+            x = x + attn.out(torch.cat(heads, dim=1))
+            x = x + block.ffn(block.norm2(x))
     return model.final_norm(x)
 
 
+@pytest.mark.parametrize("block", BLOCK_STYLES)
 @pytest.mark.parametrize("heads", [1, 2])
-def test_batched_left_padded_hidden_states_match_a_step_by_step_reference(heads: int) -> None:
+def test_batched_left_padded_hidden_states_match_a_step_by_step_reference(
+    heads: int, block: str
+) -> None:
     torch.manual_seed(3)
-    model = SASRec(num_items=50, max_len=12, dim=16, blocks=2, heads=heads, dropout=0.0).eval()
+    model = SASRec(50, 12, dim=16, blocks=2, heads=heads, dropout=0.0, block=block).eval()
     sequences = [s[-12:] for s in random_sequences(12, 50, 12, seed=4)]
     padded = torch.from_numpy(pad_left(sequences, 12))
     with torch.no_grad():
@@ -98,8 +114,9 @@ def test_causal_future_items_do_not_leak_into_earlier_positions() -> None:
     assert not torch.allclose(ha[:, 4], hb[:, 4])
 
 
-def test_scripted_encoder_matches_eager(tmp_path: pytest.TempPathFactory) -> None:
-    model = tiny_model()
+@pytest.mark.parametrize("block", BLOCK_STYLES)
+def test_scripted_encoder_matches_eager(tmp_path: pytest.TempPathFactory, block: str) -> None:
+    model = tiny_model(block=block)
     scripted = script_encoder(model)
     path = f"{tmp_path}/encoder.pt"
     scripted.save(path)
@@ -162,10 +179,13 @@ def extend_in_steps(
     return vector[0]
 
 
+@pytest.mark.parametrize("block", BLOCK_STYLES)
 @pytest.mark.parametrize(("blocks", "heads"), [(1, 1), (2, 2), (3, 1)])
-def test_extend_from_cached_keys_and_values_matches_a_full_encode(blocks: int, heads: int) -> None:
+def test_extend_from_cached_keys_and_values_matches_a_full_encode(
+    blocks: int, heads: int, block: str
+) -> None:
     torch.manual_seed(5)
-    model = SASRec(num_items=50, max_len=12, dim=16, blocks=blocks, heads=heads, dropout=0.3)
+    model = SASRec(50, 12, dim=16, blocks=blocks, heads=heads, dropout=0.3, block=block)
     model.eval()
     scripted = script_encoder(model)
     rng = np.random.default_rng(6)
@@ -179,8 +199,9 @@ def test_extend_from_cached_keys_and_values_matches_a_full_encode(blocks: int, h
             assert torch.allclose(extend_in_steps(scripted, history, steps), full, atol=1e-5)
 
 
-def test_extend_batches_rows_with_different_cached_and_new_lengths() -> None:
-    model = tiny_model()
+@pytest.mark.parametrize("block", BLOCK_STYLES)
+def test_extend_batches_rows_with_different_cached_and_new_lengths(block: str) -> None:
+    model = tiny_model(block=block)
     scripted = script_encoder(model)
     histories = [s[-12:].tolist() for s in random_sequences(8, 50, 12, seed=8)]
     histories = [h for h in histories if len(h) >= 2]
@@ -222,3 +243,8 @@ def test_extend_sees_the_cache_it_is_given() -> None:
     assert not torch.allclose(after_a, after_b)
     assert torch.allclose(after_a, model.encode(torch.tensor([[1, 2, 3, 7]])), atol=1e-5)
     assert torch.allclose(short, model.encode(torch.tensor([[1, 2, 7]])), atol=1e-5)
+
+
+def test_an_unknown_block_style_is_refused() -> None:
+    with pytest.raises(ValueError, match="unknown block style 'post-norm'"):
+        SASRec(50, 12, dim=16, block="post-norm")
