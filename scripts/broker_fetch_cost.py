@@ -28,7 +28,7 @@ from typing import Any
 
 import aiokafka
 
-from stream_worker.bench.e2e import cpu_seconds_of
+from stream_worker.bench.e2e import cores_per_interval, cpu_seconds_of
 from stream_worker.broker import LocalBroker, ensure_topics
 
 
@@ -60,22 +60,22 @@ async def _consume(
         max_partition_fetch_bytes=4 * 1024 * 1024,
     )
     await consumer.start()
-    rows = []
+    start = time.monotonic()
+    readings = [(start, cpu_seconds_of(broker_pid))]  # (wall s, broker CPU s)
+    counts = []  # records read by the end of each interval
     read = 0
-    start = last = time.monotonic()
-    cpu = cpu_seconds_of(broker_pid)
     try:
         while read < expected:
             fetched = await consumer.getmany(timeout_ms=100, max_records=1024)
             read += sum(len(records) for records in fetched.values())
             now = time.monotonic()
-            if now - last >= every_s or read >= expected:
-                used = cpu_seconds_of(broker_pid)
-                rows.append((now - start, read, (used - cpu) / (now - last)))
-                cpu, last = used, now
+            if now - readings[-1][0] >= every_s or read >= expected:
+                readings.append((now, cpu_seconds_of(broker_pid)))
+                counts.append(read)
     finally:
         await consumer.stop()
-    return rows
+    cores = cores_per_interval(readings)
+    return [(t - start, n, c) for (t, _), n, c in zip(readings[1:], counts, cores, strict=True)]
 
 
 def run(broker: Any, rate: float, seconds: float, burst: int, every_s: float) -> list[Any]:
