@@ -10,6 +10,7 @@ from pydantic import BaseModel, Field, model_validator
 
 BlockStyle = Literal["pre-norm", "sasrec"]
 BLOCK_STYLES: tuple[str, ...] = get_args(BlockStyle)
+HistoryUse = Literal["newest", "all"]
 
 
 class TrainConfig(BaseModel):
@@ -24,6 +25,11 @@ class TrainConfig(BaseModel):
         "pre-norm",
         description="pre-norm, or sasrec: the SASRec paper's block (normed queries carry "
         "the residual, keys and values from the block's input, ReLU).",
+    )
+    history: HistoryUse = Field(
+        "newest",
+        description="Training rows per user: newest, the newest max_len + 1 items (as "
+        "SASRec); all, every item, the older ones in windows of max_len + 1.",
     )
     loss: Literal["ce", "sampled-ce"] = "ce"
     negatives: int = Field(

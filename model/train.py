@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from model.config import TrainConfig
+from model.config import HistoryUse, TrainConfig
 from model.data import SequenceData, leave_one_out
 from model.errors import ConfigError, DataError
 from model.evaluate import Metrics, evaluate_model, evaluate_popularity, popularity_order
@@ -66,10 +66,27 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def training_matrix(prefixes: Sequence[IntArray], max_len: int) -> IntArray:
-    """Rows of the newest ``max_len + 1`` items per user (left-padded); input = row[:-1],
-    target = row[1:]. Users with fewer than two items teach nothing and are left out."""
-    rows = [p[-(max_len + 1) :] for p in prefixes if len(p) >= 2]
+def training_matrix(
+    prefixes: Sequence[IntArray], max_len: int, history: HistoryUse = "newest"
+) -> IntArray:
+    """Rows of ``max_len + 1`` items (left-padded); input = row[:-1], target = row[1:].
+
+    ``newest`` keeps each user's newest ``max_len + 1`` items, as SASRec does. ``all``
+    also cuts the older items into windows of ``max_len + 1`` that overlap by one item,
+    so that every transition of a long history is a target exactly once instead of
+    being dropped (at ``max_len`` 100, MovieLens-1M's newest windows hold 45% of its
+    transitions). Users with fewer than two items teach nothing and are left out.
+    """
+    rows: list[IntArray] = []
+    for prefix in prefixes:
+        if len(prefix) < 2:
+            continue
+        end = len(prefix)
+        while True:
+            rows.append(prefix[max(0, end - max_len - 1) : end])
+            end -= max_len
+            if history == "newest" or end < 2:
+                break
     out = np.zeros((len(rows), max_len + 1), dtype=np.int64)
     for i, row in enumerate(rows):
         out[i, max_len + 1 - len(row) :] = row
@@ -118,7 +135,7 @@ def train_sasrec(
     num_items = data.num_items()
     prefixes, valid_targets, test_targets = leave_one_out(data)
     test_inputs = [seq[:-1] for seq in data.sequences]
-    matrix = training_matrix(prefixes, cfg.max_len)
+    matrix = training_matrix(prefixes, cfg.max_len, cfg.history)
     if len(matrix) == 0:
         raise DataError("no user has enough interactions to train on (need at least 4 each)")
 

@@ -1,14 +1,16 @@
 """Training and the offline pipeline on small generated data (no I/O beyond tmp files)."""
 
+import itertools
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from model.artifacts import load_version, read_current
 from model.config import IndexConfig, TrainConfig
 from model.data import build_sequence_data
 from model.pipeline import evaluate_version, train_and_publish
-from model.train import train_sasrec
+from model.train import train_sasrec, training_matrix
 from stream_worker.produce import generated_log
 
 TINY = TrainConfig(
@@ -38,6 +40,25 @@ def test_training_is_reproducible_with_a_seed() -> None:
     first = train_sasrec(data, cfg, progress=False)
     second = train_sasrec(data, cfg, progress=False)
     assert [h.loss for h in first.history] == [h.loss for h in second.history]
+
+
+@pytest.mark.parametrize("length", [2, 5, 6, 11, 13])
+def test_all_history_makes_every_transition_a_target_once(length: int) -> None:
+    prefix = np.arange(1, length + 1)
+    rows = training_matrix([prefix, np.array([7])], max_len=4, history="all")
+    transitions = [(int(a), int(b)) for row in rows for a, b in itertools.pairwise(row) if a and b]
+    assert sorted(transitions) == [(i, i + 1) for i in range(1, length)]
+    newest = training_matrix([prefix], max_len=4)
+    assert len(newest) == 1 and (newest[0] == rows[0]).all()  # the newest window first
+
+
+def test_training_on_all_history_learns_from_older_windows() -> None:
+    # With max_len 3, "newest" drops most of each 10-item history; "all" trains on it.
+    data = build_sequence_data(cyclic_sequences(users=60))
+    short = TINY.model_copy(update={"max_len": 3, "epochs": 2})
+    newest = train_sasrec(data, short, progress=False)
+    every = train_sasrec(data, short.model_copy(update={"history": "all"}), progress=False)
+    assert every.valid["ndcg@10"] > newest.valid["ndcg@10"] + 0.1
 
 
 def test_sampled_softmax_also_learns() -> None:
