@@ -405,6 +405,10 @@ def bench_e2e(
     bootstrap: Annotated[
         str | None, typer.Option(help="Use this broker instead of starting a local one.")
     ] = None,
+    broker_pid: Annotated[
+        int | None,
+        typer.Option(help="Process id of the --bootstrap broker, to report its CPU."),
+    ] = None,
     database_url: Annotated[
         str | None, typer.Option(help="State database (default: a fresh SQLite file per load).")
     ] = None,
@@ -433,6 +437,7 @@ def bench_e2e(
         rates=_floats(rates, "--rates"),
         out_dir=out,
         bootstrap=bootstrap,
+        broker_pid=broker_pid,
         database_url=database_url,
         rated_seconds=rated_seconds,
         index_factory=index_factory,

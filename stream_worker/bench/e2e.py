@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from model.errors import ConfigError
 from stream_worker.errors import WorkerError
 
 logger = logging.getLogger(__name__)
@@ -841,6 +842,7 @@ def run_e2e(
     rates: Sequence[float],
     out_dir: Path,
     bootstrap: str | None = None,
+    broker_pid: int | None = None,
     database_url: str | None = None,
     worker_env: dict[str, str] | None = None,
     max_len: int = 200,
@@ -860,7 +862,12 @@ def run_e2e(
     work.mkdir(exist_ok=True)
     results: list[LoadResult] = []
     bare: list[BareResult] = []
-    with LocalBroker(log_dir=work) if bootstrap is None else _External(bootstrap) as broker:
+    if broker_pid is not None and bootstrap is None:
+        raise ConfigError("--broker-pid names the process of a --bootstrap broker")
+    if broker_pid is not None and not Path(f"/proc/{broker_pid}/stat").exists():
+        raise ConfigError(f"--broker-pid {broker_pid}: no such process")
+    external = _External(bootstrap or "", broker_pid)
+    with LocalBroker(log_dir=work) if bootstrap is None else external as broker:
         for name in datasets:
             replay = load_replay(name, data_root, events)
             artifacts = work / f"artifacts-{name}-{len(replay)}-{index_factory.replace(',', '_')}"
@@ -909,10 +916,12 @@ def run_e2e(
 
 
 class _External:
-    """A broker the caller runs, with LocalBroker's context-manager shape."""
+    """A broker the caller runs, with LocalBroker's context-manager shape; its CPU is
+    read only when its process id is given."""
 
-    def __init__(self, bootstrap: str) -> None:
+    def __init__(self, bootstrap: str, pid: int | None) -> None:
         self.bootstrap_servers = bootstrap
+        self.pid = pid
 
     def __enter__(self) -> "_External":
         return self

@@ -94,6 +94,12 @@ def test_build_index_publishes_a_new_version_with_recall(trained: Path) -> None:
         (["bench", "incremental", "--batch-events", "90,0"], {}, "--batch-events must be"),
         (["bench", "incremental", "--dataset", "nope"], {}, "unknown dataset 'nope'"),
         (["bench", "incremental", "--data-root", "/no/such/dir"], {}, "not found"),
+        (["bench", "e2e", "--broker-pid", "1"], {}, "--broker-pid names the process"),
+        (
+            ["bench", "e2e", "--bootstrap", "127.0.0.1:1", "--broker-pid", "999999999"],
+            {},
+            "--broker-pid 999999999: no such process",
+        ),
     ],
 )
 def test_bad_input_is_one_readable_line_not_a_traceback(
