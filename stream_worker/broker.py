@@ -82,6 +82,21 @@ def _port_is_free(port: int) -> bool:
     return True
 
 
+class _AdminClient(KafkaAdminClient):  # type: ignore[misc]  # untyped base
+    """``KafkaAdminClient`` that closes what it opened when it cannot bootstrap:
+    kafka-python's constructor raises with its I/O thread running and its socket open
+    (one of each per failed probe while a broker starts)."""
+
+    def __init__(self, **configs: Any) -> None:
+        try:
+            super().__init__(**configs)
+        except BaseException:
+            if hasattr(self, "_net"):  # got as far as starting its I/O thread
+                self._closed = False  # close() skips a client it thinks unopened
+                self.close()
+            raise
+
+
 def _tcp_accepts(port: int, timeout_s: float) -> bool:
     try:
         with socket.create_connection((_HOST, port), timeout=timeout_s):
@@ -98,7 +113,7 @@ def _answers_as(bootstrap_servers: str, cluster_id: str, timeout_s: float) -> bo
     """
     timeout_ms = max(100, int(timeout_s * 1000))
     try:
-        admin = KafkaAdminClient(
+        admin = _AdminClient(
             bootstrap_servers=bootstrap_servers,
             client_id="recstream-broker-probe",
             bootstrap_timeout_ms=timeout_ms,
@@ -351,7 +366,7 @@ def ensure_topics(
         return []
     config: dict[str, Any] = {"client_id": "recstream-admin", **(client_config or {})}
     try:
-        admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers, **config)
+        admin = _AdminClient(bootstrap_servers=bootstrap_servers, **config)
     except KafkaError as exc:
         raise BrokerError(
             f"Could not reach the Kafka broker at {bootstrap_servers}: {exc}"

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import socket
+import threading
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -13,7 +17,7 @@ from aiokafka.structs import TopicPartition as AioTopicPartition
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.serializer import DefaultSerializer
 
-from stream_worker.broker import LocalBroker, ensure_topics
+from stream_worker.broker import LocalBroker, _answers_as, ensure_topics
 
 pytestmark = pytest.mark.integration
 
@@ -202,3 +206,16 @@ def test_aiokafka_producer_and_group_consumer(broker: LocalBroker, topic_names: 
     assert all(len(parts) == 1 for parts in partition_of.values())
     per_partition = {p: sum(1 for *_, q in received if q == p) for p in range(4)}
     assert {p: committed[p] or 0 for p in range(4)} == per_partition
+
+
+def test_a_probe_of_a_silent_port_leaves_no_client_behind() -> None:
+    # The port accepts connections and never answers, like a broker still starting:
+    # kafka-python's admin client raises from its constructor with its I/O thread
+    # running and its socket open, once per probe, unless they are closed for it.
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        port = silent.getsockname()[1]
+        assert not _answers_as(f"127.0.0.1:{port}", "any-cluster", 0.3)
+    assert [t.name for t in threading.enumerate() if t.name.startswith("kafka-io-")] == []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ResourceWarning)
+        gc.collect()
