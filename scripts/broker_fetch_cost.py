@@ -16,6 +16,8 @@ rate:
   in per-user order, so each produce request carries one batch.
 
     .venv/bin/python scripts/broker_fetch_cost.py --rate 2000 --seconds 20
+
+``--bootstrap HOST:PORT --broker-pid PID`` measures another broker the same way.
 """
 
 import argparse
@@ -98,10 +100,21 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--every", type=float, default=4.0, help="seconds per row")
     parser.add_argument("--burst", type=int, default=20, help="events per user in bursts")
+    parser.add_argument("--bootstrap", help="another broker's HOST:PORT instead of a local tansu")
+    parser.add_argument("--broker-pid", type=int, help="that broker's process id")
     args = parser.parse_args()
-    with LocalBroker() as broker:
+    if (args.bootstrap is None) != (args.broker_pid is None):
+        parser.error("--bootstrap and --broker-pid go together")
+    if args.bootstrap is None:
+        broker: Any = LocalBroker().start()
+    else:
+        broker = argparse.Namespace(bootstrap_servers=args.bootstrap, pid=args.broker_pid)
+    try:
         spread = run(broker, args.rate, args.seconds, 1, args.every)
         bursts = run(broker, args.rate, args.seconds, args.burst, args.every)
+    finally:
+        if isinstance(broker, LocalBroker):
+            broker.stop()
     cores = os.cpu_count()
     print(f"broker cores at {args.rate:,.0f} events/s, one consumer keeping up ({cores} cores)\n")
     print("| seconds | records in the topic | spread: broker cores | bursts: broker cores |")
