@@ -24,18 +24,20 @@ DATASETS: dict[str, tuple[str, dict[str, str]]] = {
     "ml-1m": (
         "ml-1m/ml-1m_sasrec_reconstructed.txt",
         # dim 64 (the published recipe's) plateaus near valid NDCG@10 0.157; dim 256 over
-        # the newest 100 items, annealed to lr 0 over 30 epochs, learns more per epoch;
-        # batches of 32 and the SASRec paper's block reach a higher plateau sooner.
+        # the newest 100 items, annealed to lr 0, learns more per epoch; batches of 32
+        # and the SASRec paper's block reach a higher plateau sooner; training on every
+        # item of the long histories (2.2x the rows) lifts the plateau past the bar.
         {
             "DIM": "256",
             "MAX_LEN": "100",
             "DROPOUT": "0.2",
             "LR": "1e-3",
             "LR_SCHEDULE": "cosine",
-            "EPOCHS": "30",
-            "PATIENCE": "30",
+            "EPOCHS": "15",
+            "PATIENCE": "15",
             "BATCH_SIZE": "32",
             "BLOCK": "sasrec",
+            "HISTORY": "all",
         },
     ),
     "ml-100k": (
