@@ -866,8 +866,8 @@ def run_e2e(
         raise ConfigError("--broker-pid names the process of a --bootstrap broker")
     if broker_pid is not None and not Path(f"/proc/{broker_pid}/stat").exists():
         raise ConfigError(f"--broker-pid {broker_pid}: no such process")
-    external = _External(bootstrap or "", broker_pid)
-    with LocalBroker(log_dir=work) if bootstrap is None else external as broker:
+    running = LocalBroker(log_dir=work) if bootstrap is None else _External(bootstrap, broker_pid)
+    with running as broker:
         for name in datasets:
             replay = load_replay(name, data_root, events)
             artifacts = work / f"artifacts-{name}-{len(replay)}-{index_factory.replace(',', '_')}"

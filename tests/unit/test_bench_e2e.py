@@ -133,9 +133,9 @@ def test_the_sampler_sees_a_busy_thread_and_not_an_idle_process() -> None:
 
 
 def test_full_collections_are_recorded_apart_from_young_ones() -> None:
-    # A full collection also finalises what earlier tests left behind: a kafka-python
-    # client whose constructor failed (a broker still starting, a refused login)
-    # keeps its socket, and collecting it warns. Collect that garbage first, outside
+    # A full collection also finalises what earlier tests left behind: kafka-python
+    # does not close the socket of a refused connection attempt (a broker stopped or
+    # not yet listening), and collecting it warns. Collect that garbage first, outside
     # what this test measures, so that its warning is not charged to this test.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ResourceWarning)
