@@ -30,7 +30,7 @@ from typing import Any
 
 import aiokafka
 
-from stream_worker.bench.e2e import cores_per_interval, cpu_seconds_of
+from stream_worker.bench.e2e import ExternalBroker, cores_per_interval, cpu_seconds_of
 from stream_worker.broker import LocalBroker, ensure_topics
 
 
@@ -105,16 +105,12 @@ def main() -> None:
     args = parser.parse_args()
     if (args.bootstrap is None) != (args.broker_pid is None):
         parser.error("--bootstrap and --broker-pid go together")
-    if args.bootstrap is None:
-        broker: Any = LocalBroker().start()
-    else:
-        broker = argparse.Namespace(bootstrap_servers=args.bootstrap, pid=args.broker_pid)
-    try:
+    running = (
+        LocalBroker() if args.bootstrap is None else ExternalBroker(args.bootstrap, args.broker_pid)
+    )
+    with running as broker:
         spread = run(broker, args.rate, args.seconds, 1, args.every)
         bursts = run(broker, args.rate, args.seconds, args.burst, args.every)
-    finally:
-        if isinstance(broker, LocalBroker):
-            broker.stop()
     cores = os.cpu_count()
     print(f"broker cores at {args.rate:,.0f} events/s, one consumer keeping up ({cores} cores)\n")
     print("| seconds | records in the topic | spread: broker cores | bursts: broker cores |")

@@ -866,7 +866,9 @@ def run_e2e(
         raise ConfigError("--broker-pid names the process of a --bootstrap broker")
     if broker_pid is not None and not Path(f"/proc/{broker_pid}/stat").exists():
         raise ConfigError(f"--broker-pid {broker_pid}: no such process")
-    running = LocalBroker(log_dir=work) if bootstrap is None else _External(bootstrap, broker_pid)
+    running = (
+        LocalBroker(log_dir=work) if bootstrap is None else ExternalBroker(bootstrap, broker_pid)
+    )
     with running as broker:
         for name in datasets:
             replay = load_replay(name, data_root, events)
@@ -915,7 +917,7 @@ def run_e2e(
     return report
 
 
-class _External:
+class ExternalBroker:
     """A broker the caller runs, with LocalBroker's context-manager shape; its CPU is
     read only when its process id is given."""
 
@@ -923,7 +925,7 @@ class _External:
         self.bootstrap_servers = bootstrap
         self.pid = pid
 
-    def __enter__(self) -> "_External":
+    def __enter__(self) -> "ExternalBroker":
         return self
 
     def __exit__(self, *exc: object) -> None:
