@@ -157,12 +157,15 @@ class ExactScorer:
     over 55k items (scripts/compare_search.py; docs/benchmarks.md).
     """
 
-    def __init__(self, vectors: FloatArray, block: int = 64) -> None:
+    def __init__(self, vectors: FloatArray, block: int = 64, max_score_mb: float = 32) -> None:
         items, dim = vectors.shape
         self.items, self.block = items, block
         padded = np.zeros((dim, -(-items // block) * block), dtype=np.float32)
         padded[:, :items] = vectors.T
         self.vectors_t = torch.from_numpy(padded)
+        # Queries are scored this many rows at a time: a batch's [rows, items] score
+        # matrix would otherwise grow with the batch (4,096 queries over 1M items: 16 GiB).
+        self.chunk_rows = max(1, int(max_score_mb * 2**20 // (4 * padded.shape[1])))
 
     @classmethod
     def of(cls, index: Any) -> "ExactScorer | None":
@@ -170,9 +173,18 @@ class ExactScorer:
         vectors = flat_vectors(index)
         return None if vectors is None else cls(vectors)
 
-    @torch.inference_mode()
     def top_k(self, queries: FloatArray, k: int) -> tuple[FloatArray, npt.NDArray[np.int64]]:
         """Scores and 0-based item positions of the ``k`` best items per query row."""
+        if len(queries) <= self.chunk_rows:
+            return self._top_k(queries, k)
+        parts = [
+            self._top_k(queries[start : start + self.chunk_rows], k)
+            for start in range(0, len(queries), self.chunk_rows)
+        ]
+        return np.concatenate([s for s, _ in parts]), np.concatenate([i for _, i in parts])
+
+    @torch.inference_mode()
+    def _top_k(self, queries: FloatArray, k: int) -> tuple[FloatArray, npt.NDArray[np.int64]]:
         rows = len(queries)
         scores = torch.from_numpy(queries) @ self.vectors_t
         scores[:, self.items :] = -torch.inf  # the padding of the last block

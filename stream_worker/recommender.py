@@ -25,6 +25,9 @@ from stream_worker.encoder_cache import CachedUser, EncoderCache, Reuse, reuse
 logger = logging.getLogger(__name__)
 
 Ranked = list[tuple[str, float]]
+# Most histories per encoder call: a call's memory grows with its rows (attention
+# scores alone are rows x max_len² floats: 655 MB for 4,096 histories of 200 items).
+ENCODE_ROWS = 256
 
 
 def top_k_unseen(
@@ -58,14 +61,21 @@ def popular_unseen(popularity: Sequence[str], seen: set[str], k: int) -> Ranked:
     return out
 
 
-def length_buckets(lengths: Sequence[int], ratio: float = 2.0) -> list[list[int]]:
+def length_buckets(
+    lengths: Sequence[int], ratio: float = 2.0, max_rows: int | None = None
+) -> list[list[int]]:
     """Row indices grouped so that, within a group, the longest sequence is at most
     ``ratio`` times the shortest: each group is padded to its own longest, so short
-    histories are not padded to the batch's longest (attention cost grows with L²)."""
+    histories are not padded to the batch's longest (attention cost grows with L²).
+    With ``max_rows``, no group has more rows than that."""
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     groups: list[list[int]] = []
     for i in order:
-        if groups and lengths[i] <= ratio * max(1, lengths[groups[-1][0]]):
+        if (
+            groups
+            and lengths[i] <= ratio * max(1, lengths[groups[-1][0]])
+            and (max_rows is None or len(groups[-1]) < max_rows)
+        ):
             groups[-1].append(i)
         else:
             groups.append([i])
@@ -168,7 +178,7 @@ class Recommender:
         max_len = self.loaded.max_len
         lengths = [min(len(h), max_len) for h in histories]
         out = np.empty((len(histories), self.loaded.item_embeddings.shape[1]), dtype=np.float32)
-        for rows in length_buckets(lengths):
+        for rows in length_buckets(lengths, max_rows=ENCODE_ROWS):
             padded = pad_left([histories[i] for i in rows], max_len)
             vectors: torch.Tensor = self.loaded.encoder(torch.from_numpy(padded).to(self.device))
             out[rows] = vectors.float().cpu().numpy()
@@ -222,7 +232,7 @@ class Recommender:
         done = [0 if past is None else past.size(0) for past in pasts]
         new_items = [histories[i][n:] for i, n in zip(rest, done, strict=True)]
         nothing = torch.zeros(0, width, device=self.device)
-        for group in length_buckets([len(items) for items in new_items], 4.0):
+        for group in length_buckets([len(items) for items in new_items], 4.0, ENCODE_ROWS):
             run(
                 [rest[g] for g in group],
                 [new_items[g] for g in group],

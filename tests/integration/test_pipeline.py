@@ -14,6 +14,7 @@ import torch
 
 from model.artifacts import VersionContents, load_version, publish_version
 from model.config import IndexConfig
+from stream_worker import recommender as recommender_module
 from stream_worker.app import create_app
 from stream_worker.events import event_value
 from stream_worker.metrics import WorkerMetrics
@@ -132,11 +133,14 @@ def test_stored_offsets_cover_bad_records_so_a_resume_does_not_reread_them(
     assert stored_offsets(proc.engine, topic) == {0: 1, 1: 8}
 
 
+@pytest.mark.parametrize("encode_rows", [256, 2])
 def test_recommender_equals_the_eager_model_for_mixed_lengths_and_crowded_rankings(
-    tiny: TinyModel,
+    tiny: TinyModel, encode_rows: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Lengths from 1 to past max_len land in different padding buckets; long histories
-    # of 30+ of the 40 items make seen items crowd the first search pass (re-searched).
+    # Lengths from 1 to past max_len land in different padding buckets (cut further
+    # into encoder calls of at most encode_rows); long histories of 30+ of the 40 items
+    # make seen items crowd the first search pass (re-searched).
+    monkeypatch.setattr(recommender_module, "ENCODE_ROWS", encode_rows)
     recommender = Recommender.load(tiny.root, device="cpu")
     rng = np.random.default_rng(3)
     items = tiny.item_ids[1:]
@@ -149,11 +153,13 @@ def test_recommender_equals_the_eager_model_for_mixed_lengths_and_crowded_rankin
         assert [item for item, _ in ranked[user]] == tiny.offline_top_k(sequence, 5), user
 
 
+@pytest.mark.parametrize("encode_rows", [256, 2])
 def test_incremental_encoding_gives_the_full_encoders_vectors_as_histories_grow(
-    tiny: TinyModel,
+    tiny: TinyModel, encode_rows: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Batches of growing histories through the cache (extend, same, and full once a
     window slides or a history is rewritten) against the same version without it."""
+    monkeypatch.setattr(recommender_module, "ENCODE_ROWS", encode_rows)
     cached = Recommender.load(tiny.root, device="cpu", cache_bytes=2**20)
     plain = Recommender.load(tiny.root, device="cpu")
     assert cached.cache is not None and plain.cache is None
@@ -232,10 +238,13 @@ def test_a_version_exported_without_the_incremental_path_is_served_in_full(
 
 def test_length_buckets_keep_every_row_once_within_the_ratio() -> None:
     lengths = [1, 200, 3, 4, 50, 2, 8, 9, 120, 1]
-    groups = length_buckets(lengths)
-    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
-    for group in groups:
-        assert max(lengths[i] for i in group) <= 2 * max(1, min(lengths[i] for i in group))
+    for max_rows in (None, 2):
+        groups = length_buckets(lengths, max_rows=max_rows)
+        assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+        for group in groups:
+            assert max(lengths[i] for i in group) <= 2 * max(1, min(lengths[i] for i in group))
+            assert max_rows is None or len(group) <= max_rows
+    assert max(map(len, length_buckets(lengths))) > 2
     assert search_depth(10, 5) == 15 and search_depth(10, 500) == 42
 
 

@@ -145,6 +145,9 @@ def test_the_exact_scorer_returns_what_faiss_returns(tmp_path: Path, items: int)
     assert view is not None and np.shares_memory(view, faiss.rev_swig_ptr(index.get_xb(), 1))
     scorer = ExactScorer.of(index)
     assert scorer is not None
+    # Scoring a few rows at a time (large batches, large catalogues) changes nothing.
+    chunked = ExactScorer(view, max_score_mb=7 * scorer.vectors_t.shape[1] * 4 / 2**20)
+    assert chunked.chunk_rows == 7
     # Top-k in two steps over blocks of 64 items, the last one full or part empty, and
     # (130 items, k 120) a plain top-k where the blocks are few.
     for k in (1, 10, 25, 120):
@@ -157,6 +160,9 @@ def test_the_exact_scorer_returns_what_faiss_returns(tmp_path: Path, items: int)
         true = np.take_along_axis(queries.astype(np.float64) @ vectors.T, ids - 1, axis=1)
         assert np.allclose(scores, true, atol=1e-4)
         assert np.mean(ids == faiss_ids + 1) > 0.99
+        chunked_scores, chunked_ids = search(index, queries, k, chunked)
+        assert np.allclose(chunked_scores, scores, atol=1e-5)
+        assert np.mean(chunked_ids == ids) > 0.99
     # As the worker loads it from a version directory.
     save_index(index, tmp_path / "index.faiss")
     assert ExactScorer.of(load_index(tmp_path / "index.faiss", IndexConfig())) is not None
