@@ -111,7 +111,7 @@ class WorkerSettings(BaseModel):
         4096,
         ge=1,
         description="Most events in one micro-batch. Under a backlog a larger batch answers "
-        "more events per user and per fetch (unthrottled Taobao 1.8-2.2x faster than at "
+        "more events per user and per fetch (unthrottled Taobao 1.6-2.2x faster than at "
         "1,024); at steady load batches stay far smaller.",
     )
     batch_max_wait_ms: int = Field(20, ge=0, description="Longest wait to fill a micro-batch.")
