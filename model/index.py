@@ -154,7 +154,8 @@ class ExactScorer:
     and costs about one pass over the scores, where a top-k over every item costs
     about as much as the product. 1.15-1.6x faster than a product over FAISS's rows
     and a top-k over every item, 2-3.6x faster than FAISS's flat scan, for 5-90 queries
-    over 55k items (scripts/compare_search.py; docs/benchmarks.md).
+    over 55k items (scripts/compare_search.py; docs/benchmarks.md). Large batches are
+    scored in chunks of rows, at most ``max_score_mb`` of scores at a time.
     """
 
     def __init__(self, vectors: FloatArray, block: int = 64, max_score_mb: float = 32) -> None:

@@ -9,7 +9,7 @@ resident memory before the batch and at its peak. One configuration per process,
 that each peak is its own:
 
     .venv/bin/python scripts/batch_memory.py --users 4096
-    .venv/bin/python scripts/batch_memory.py --users 4096 --encode-rows 4096 --score-mb 4096
+    .venv/bin/python scripts/batch_memory.py --users 4096 --encode-rows 100000 --score-mb 100000
 
 (the second lifts the worker's limits on rows per encoder call and on the score
 matrix, as before they existed).
@@ -26,9 +26,8 @@ import numpy as np
 import torch
 
 from model.index import ExactScorer
-from stream_worker import recommender as recommender_module
 from stream_worker.bench.e2e import Replay, publish_bench_model
-from stream_worker.recommender import Recommender
+from stream_worker.recommender import ENCODE_ROWS, Recommender
 
 
 def rss_mib(field: str) -> float:
@@ -44,7 +43,7 @@ def main() -> None:
     parser.add_argument("--users", type=int, default=4096)
     parser.add_argument("--items", type=int, default=55_368, help="catalogue size (Taobao's)")
     parser.add_argument("--max-len", type=int, default=200)
-    parser.add_argument("--encode-rows", type=int, default=recommender_module.ENCODE_ROWS)
+    parser.add_argument("--encode-rows", type=int, default=ENCODE_ROWS)
     parser.add_argument("--score-mb", type=float, default=None, help="ExactScorer's limit")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -54,7 +53,7 @@ def main() -> None:
         replay = Replay("synthetic", ["u"] * len(items), items, ["click"] * len(items))
         publish_bench_model(replay, Path(tmp), args.max_len)
         recommender = Recommender.load(Path(tmp), device="cpu")
-    recommender_module.ENCODE_ROWS = args.encode_rows
+    recommender.encode_rows = args.encode_rows
     if args.score_mb is not None and recommender.scorer is not None:
         vectors = recommender.scorer.vectors_t.numpy()[:, : args.items].T
         recommender.scorer = ExactScorer(vectors, max_score_mb=args.score_mb)

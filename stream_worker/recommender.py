@@ -110,6 +110,8 @@ class Recommender:
     cache: EncoderCache | None = None
     # Exact CPU indexes are searched in batches by this scorer; None: by FAISS.
     scorer: ExactScorer | None = None
+    # Most histories per encoder call (``ENCODE_ROWS``).
+    encode_rows: int = ENCODE_ROWS
 
     @classmethod
     def load(
@@ -178,7 +180,7 @@ class Recommender:
         max_len = self.loaded.max_len
         lengths = [min(len(h), max_len) for h in histories]
         out = np.empty((len(histories), self.loaded.item_embeddings.shape[1]), dtype=np.float32)
-        for rows in length_buckets(lengths, max_rows=ENCODE_ROWS):
+        for rows in length_buckets(lengths, max_rows=self.encode_rows):
             padded = pad_left([histories[i] for i in rows], max_len)
             vectors: torch.Tensor = self.loaded.encoder(torch.from_numpy(padded).to(self.device))
             out[rows] = vectors.float().cpu().numpy()
@@ -232,7 +234,7 @@ class Recommender:
         done = [0 if past is None else past.size(0) for past in pasts]
         new_items = [histories[i][n:] for i, n in zip(rest, done, strict=True)]
         nothing = torch.zeros(0, width, device=self.device)
-        for group in length_buckets([len(items) for items in new_items], 4.0, ENCODE_ROWS):
+        for group in length_buckets([len(items) for items in new_items], 4.0, self.encode_rows):
             run(
                 [rest[g] for g in group],
                 [new_items[g] for g in group],

@@ -14,7 +14,6 @@ import torch
 
 from model.artifacts import VersionContents, load_version, publish_version
 from model.config import IndexConfig
-from stream_worker import recommender as recommender_module
 from stream_worker.app import create_app
 from stream_worker.events import event_value
 from stream_worker.metrics import WorkerMetrics
@@ -135,13 +134,13 @@ def test_stored_offsets_cover_bad_records_so_a_resume_does_not_reread_them(
 
 @pytest.mark.parametrize("encode_rows", [256, 2])
 def test_recommender_equals_the_eager_model_for_mixed_lengths_and_crowded_rankings(
-    tiny: TinyModel, encode_rows: int, monkeypatch: pytest.MonkeyPatch
+    tiny: TinyModel, encode_rows: int
 ) -> None:
     # Lengths from 1 to past max_len land in different padding buckets (cut further
     # into encoder calls of at most encode_rows); long histories of 30+ of the 40 items
     # make seen items crowd the first search pass (re-searched).
-    monkeypatch.setattr(recommender_module, "ENCODE_ROWS", encode_rows)
     recommender = Recommender.load(tiny.root, device="cpu")
+    recommender.encode_rows = encode_rows
     rng = np.random.default_rng(3)
     items = tiny.item_ids[1:]
     sequences = {
@@ -155,13 +154,13 @@ def test_recommender_equals_the_eager_model_for_mixed_lengths_and_crowded_rankin
 
 @pytest.mark.parametrize("encode_rows", [256, 2])
 def test_incremental_encoding_gives_the_full_encoders_vectors_as_histories_grow(
-    tiny: TinyModel, encode_rows: int, monkeypatch: pytest.MonkeyPatch
+    tiny: TinyModel, encode_rows: int
 ) -> None:
     """Batches of growing histories through the cache (extend, same, and full once a
     window slides or a history is rewritten) against the same version without it."""
-    monkeypatch.setattr(recommender_module, "ENCODE_ROWS", encode_rows)
     cached = Recommender.load(tiny.root, device="cpu", cache_bytes=2**20)
     plain = Recommender.load(tiny.root, device="cpu")
+    cached.encode_rows = plain.encode_rows = encode_rows
     assert cached.cache is not None and plain.cache is None
     rng = np.random.default_rng(11)
     num_items, max_len = len(tiny.item_ids) - 1, cached.loaded.max_len
