@@ -26,16 +26,8 @@ import numpy as np
 import torch
 
 from model.index import ExactScorer
-from stream_worker.bench.e2e import Replay, publish_bench_model
+from stream_worker.bench.e2e import Replay, proc_status_mib, publish_bench_model
 from stream_worker.recommender import ENCODE_ROWS, Recommender
-
-
-def rss_mib(field: str) -> float:
-    """VmRSS (now) or VmHWM (peak) of this process, in MiB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def main() -> None:
@@ -60,15 +52,16 @@ def main() -> None:
     picks = rng.integers(0, args.items, size=(args.users, args.max_len))
     sequences = {f"user-{u}": [items[i] for i in row] for u, row in enumerate(picks)}
     Path("/proc/self/clear_refs").write_text("5")  # peak := now (Linux)
-    before = rss_mib("VmRSS")
+    before = proc_status_mib("self", "VmRSS")
     started = time.perf_counter()
     ranked = recommender.recommend(sequences, 10)
     seconds = time.perf_counter() - started
+    peak = proc_status_mib("self", "VmHWM")
     assert len(ranked) == args.users
     print(
         f"users {args.users}, items {args.items}, max_len {args.max_len}, "
         f"encode rows {args.encode_rows}, score MB {args.score_mb or 'default'}: "
-        f"{seconds:.2f} s, RSS {before:.0f} MiB before, peak {rss_mib('VmHWM'):.0f} MiB"
+        f"{seconds:.2f} s, RSS {before:.0f} MiB before, peak {peak:.0f} MiB"
     )
 
 

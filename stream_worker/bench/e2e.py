@@ -678,14 +678,20 @@ def _join(process: Any, name: str) -> None:
         raise WorkerError(f"the benchmark's {name} process failed (exit code {process.exitcode})")
 
 
-def _peak_rss_mb(pid: int) -> float:
+def proc_status_mib(pid: int | str, field: str) -> float:
+    """A memory line of ``/proc/<pid>/status`` (``VmRSS`` now, ``VmHWM`` at its peak),
+    in MiB; NaN once the process is gone."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return round(int(line.split()[1]) / 1024, 1)
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
     except OSError:
         pass
     return float("nan")
+
+
+def _peak_rss_mb(pid: int) -> float:
+    return round(proc_status_mib(pid, "VmHWM"), 1)
 
 
 # ----------------------------------------------------------------------------- report
