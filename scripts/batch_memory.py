@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model.index import ExactScorer
+from model.index import ExactScorer, flat_vectors
 from stream_worker.bench.e2e import Replay, proc_status_mib, publish_bench_model
 from stream_worker.recommender import ENCODE_ROWS, Recommender
 
@@ -46,8 +46,8 @@ def main() -> None:
         publish_bench_model(replay, Path(tmp), args.max_len)
         recommender = Recommender.load(Path(tmp), device="cpu")
     recommender.encode_rows = args.encode_rows
-    if args.score_mb is not None and recommender.scorer is not None:
-        vectors = recommender.scorer.vectors_t.numpy()[:, : args.items].T
+    vectors = flat_vectors(recommender.index)
+    if args.score_mb is not None and vectors is not None:
         recommender.scorer = ExactScorer(vectors, max_score_mb=args.score_mb)
     picks = rng.integers(0, args.items, size=(args.users, args.max_len))
     sequences = {f"user-{u}": [items[i] for i in row] for u, row in enumerate(picks)}
