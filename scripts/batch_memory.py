@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from model.index import ExactScorer, flat_vectors
-from stream_worker.bench.e2e import Replay, proc_status_mib, publish_bench_model
+from recstream_tools.bench.e2e import Replay, proc_status_mib, publish_bench_model
 from stream_worker.recommender import ENCODE_ROWS, Recommender
 
 

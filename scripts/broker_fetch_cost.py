@@ -30,8 +30,9 @@ from typing import Any
 
 import aiokafka
 
-from stream_worker.bench.e2e import ExternalBroker, cores_per_interval, cpu_seconds_of
-from stream_worker.broker import LocalBroker, ensure_topics
+from recstream_tools.bench.e2e import ExternalBroker, cores_per_interval, cpu_seconds_of
+from recstream_tools.tansu import LocalBroker
+from stream_worker.broker import ensure_topics
 
 
 def _produce(bootstrap: str, topic: str, rate: float, seconds: float, burst: int) -> None:

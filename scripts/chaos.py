@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # The harness is shared with the test suite (tests/integration/test_reliability.py).
 sys.path.insert(0, str(ROOT))
 
-from stream_worker.broker import LocalBroker  # noqa: E402
+from recstream_tools.tansu import LocalBroker  # noqa: E402
 from stream_worker.store import run_migrations  # noqa: E402
 from tests.integration import reliability_harness as rh  # noqa: E402
 from tests.integration.worker_harness import TinyModel, publish_tiny_model  # noqa: E402

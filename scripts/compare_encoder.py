@@ -21,7 +21,7 @@ import torch
 
 from model import sasrec
 from model.sequences import pad_left
-from stream_worker.bench.micro import interleaved_medians
+from recstream_tools.bench.micro import interleaved_medians
 
 SHAPES = [(1, 200), (8, 50), (8, 200), (16, 100), (16, 200), (64, 200), (256, 50)]
 

@@ -20,7 +20,7 @@ import torch
 
 from model.config import IndexConfig
 from model.index import ExactScorer, build_index, flat_vectors, search
-from stream_worker.bench.micro import interleaved_medians
+from recstream_tools.bench.micro import interleaved_medians
 
 
 def main() -> None:

@@ -5,6 +5,7 @@ Settings are built once here and passed inward. Every operator-facing failure
 status 2; tracebacks are reserved for bugs.
 """
 
+import importlib
 import json
 import logging
 import sys
@@ -51,6 +52,20 @@ def configure_logging(level: str) -> None:
         # Client libraries log every connection and rebalance at INFO.
         for noisy in ("faiss.loader", "kafka", "aiokafka", "faust", "mode", "alembic"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _tool(module: str) -> Any:
+    """A module of the development tools (demo, benchmarks): the recstream-tools package,
+    which the worker's image does not install."""
+    try:
+        return importlib.import_module(f"recstream_tools.{module}")
+    except ModuleNotFoundError as exc:
+        if exc.name is None or not exc.name.startswith("recstream_tools"):
+            raise
+        raise ConfigError(
+            "this command needs recstream's development tools, which the worker image "
+            "does not ship: run it from a clone with scripts/run (or pip install ./tools)"
+        ) from None
 
 
 def _columns(spec: str | None) -> dict[str, str] | None:
@@ -340,7 +355,7 @@ def demo(
     ),
 ) -> None:
     """Local broker + SQLite + a small model + one worker: watch recommendations stream."""
-    from stream_worker.demo import run_demo
+    run_demo = _tool("demo").run_demo
 
     settings = load_settings()
     run_demo(
@@ -373,7 +388,7 @@ DataRootOpt = Annotated[Path, typer.Option(help="Folder of the shared datasets."
 
 def _datasets(chosen: list[str] | None) -> list[str]:
     """The benchmark datasets asked for (all by default), each one known."""
-    from stream_worker.bench.e2e import DATASETS
+    DATASETS = _tool("bench.e2e").DATASETS
 
     unknown = sorted(set(chosen or []) - set(DATASETS))
     if unknown:
@@ -427,7 +442,7 @@ def bench_e2e(
     out: BenchOutOpt = Path("bench-out/e2e"),
 ) -> None:
     """Replay real events through a broker into one worker; throughput, latency, stages."""
-    from stream_worker.bench.e2e import run_e2e
+    run_e2e = _tool("bench.e2e").run_e2e
 
     load_settings()
     report = run_e2e(
@@ -463,7 +478,7 @@ def bench_incremental(
     out: BenchOutOpt = Path("bench-out/incremental"),
 ) -> None:
     """The encode stage on real event order, with and without the encoder cache."""
-    from stream_worker.bench.incremental import run_incremental
+    run_incremental = _tool("bench.incremental").run_incremental
 
     load_settings()
     datasets = _datasets(dataset)
@@ -489,7 +504,7 @@ def bench_encoder(
     quick: QuickOpt = False,
 ) -> None:
     """TorchScript encoder latency and throughput, batch 1-1024, max length 50 and 200."""
-    from stream_worker.bench.micro import run_encoder
+    run_encoder = _tool("bench.micro").run_encoder
 
     load_settings()
     typer.echo(run_encoder(out, device, quick))
@@ -505,7 +520,7 @@ def bench_index(
     ),
 ) -> None:
     """FAISS exact versus IVF and HNSW: QPS and recall@10 at several catalogue sizes."""
-    from stream_worker.bench.micro import run_index
+    run_index = _tool("bench.micro").run_index
 
     load_settings()
     sizes_list = tuple(int(v) for v in _floats(sizes, "--sizes"))

@@ -1,4 +1,5 @@
-"""Shared fixtures: one local Kafka-compatible broker per test session, unique topic names."""
+"""Shared fixtures: Apache Kafka (one node per test session, three for failover tests),
+unique topic names."""
 
 from __future__ import annotations
 
@@ -6,23 +7,29 @@ import logging
 import re
 import uuid
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import pytest
 
-from stream_worker.broker import LocalBroker
+from recstream_tools.kafka import KafkaCluster
 from stream_worker.kafka_config import CLIENT_LOGGERS
 
 
 @pytest.fixture(scope="session")
-def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalBroker]:
-    """A started tansu broker (in-memory) on 127.0.0.1, shared by the session.
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaCluster]:
+    """A one-node Apache Kafka cluster (KRaft) on 127.0.0.1, shared by the session.
 
-    Its log is in the session's temporary directory, under ``broker/``. Tests share
-    it, so each test uses its own topics (see ``topic_names``) and consumer groups.
+    Its data and logs are in the session's temporary directory, under ``kafka/``. Tests
+    share it, so each test uses its own topics (see ``topic_names``) and consumer groups.
     """
-    log_dir: Path = tmp_path_factory.mktemp("broker")
-    with LocalBroker(log_dir=log_dir) as started:
+    with KafkaCluster(tmp_path_factory.mktemp("kafka"), nodes=1) as started:
+        yield started
+
+
+@pytest.fixture(scope="session")
+def kafka3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaCluster]:
+    """A three-node Apache Kafka cluster for failover tests: topics default to
+    replication factor 3 with ``min.insync.replicas`` 2. Started on first use."""
+    with KafkaCluster(tmp_path_factory.mktemp("kafka3"), nodes=3) as started:
         yield started
 
 

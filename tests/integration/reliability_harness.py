@@ -44,7 +44,8 @@ from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.pool import NullPool
 
-from stream_worker.broker import ensure_topics, free_port
+from recstream_tools.probe import free_port
+from stream_worker.broker import ensure_topics
 from stream_worker.events import event_value
 from stream_worker.store import make_engine, stored_offsets, user_sequences
 from tests.integration.worker_harness import TinyModel, WorkerProcess, worker_env

@@ -5,15 +5,15 @@ from pathlib import Path
 
 import pytest
 
-from stream_worker.bench.e2e import Bench, Replay, publish_bench_model
-from stream_worker.broker import LocalBroker
+from recstream_tools.bench.e2e import Bench, Replay, publish_bench_model
+from recstream_tools.kafka import KafkaCluster
 from stream_worker.produce import generate_clicks
 
 pytestmark = pytest.mark.integration
 
 
 def test_every_event_is_answered_and_measured_against_the_bare_loop(
-    broker: LocalBroker, tmp_path: Path
+    broker: KafkaCluster, tmp_path: Path
 ) -> None:
     clicks = generate_clicks(400, users=30, items=25, seed=5)
     replay = Replay(
@@ -25,7 +25,7 @@ def test_every_event_is_answered_and_measured_against_the_bare_loop(
     publish_bench_model(replay, tmp_path / "artifacts", max_len=20)
     bench = Bench(
         broker.bootstrap_servers, tmp_path, tmp_path / "artifacts", partitions=2,
-        broker_pid=broker.pid,
+        broker_pid=broker.pids[0],
     )  # fmt: skip
 
     bare = bench.run_bare(replay)

@@ -1,4 +1,5 @@
-"""The local broker against real Kafka clients: topics, keyed produce, group commit and resume."""
+"""Apache Kafka against the clients the project uses: topics, keyed produce, group commit
+and resume."""
 
 from __future__ import annotations
 
@@ -17,19 +18,20 @@ from aiokafka.structs import TopicPartition as AioTopicPartition
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.serializer import DefaultSerializer
 
-from stream_worker.broker import LocalBroker, _answers_as, ensure_topics
+from recstream_tools.kafka import KafkaCluster
+from recstream_tools.probe import answers_as
+from stream_worker.broker import ensure_topics
 
 pytestmark = pytest.mark.integration
 
 TopicNames = Callable[[str], str]
 Record = tuple[str, str, int, int]  # key, value, partition, offset
 
-# tansu answers a JoinGroup after half the session timeout (kafka-python's default of
-# 45 s makes that 23 s); 6 s is Kafka's default minimum and joins in about 3 s.
+# Kafka's default minimum session timeout; a consumer that leaves is noticed in seconds.
 GROUP_TIMEOUTS = {"session_timeout_ms": 6000, "heartbeat_interval_ms": 1000}
 
 
-def _produce(broker: LocalBroker, topic: str, messages: list[tuple[str, str]]) -> None:
+def _produce(broker: KafkaCluster, topic: str, messages: list[tuple[str, str]]) -> None:
     producer = KafkaProducer(
         bootstrap_servers=broker.bootstrap_servers,
         # kafka-python 3 deprecates plain callables here: (de)serializers are objects.
@@ -45,7 +47,7 @@ def _produce(broker: LocalBroker, topic: str, messages: list[tuple[str, str]]) -
         producer.close()
 
 
-def _consumer(broker: LocalBroker, topic: str, group: str) -> KafkaConsumer:
+def _consumer(broker: KafkaCluster, topic: str, group: str) -> KafkaConsumer:
     return KafkaConsumer(
         topic,
         bootstrap_servers=broker.bootstrap_servers,
@@ -69,7 +71,7 @@ def _poll_until(consumer: KafkaConsumer, count: int, timeout_s: float = 60.0) ->
 
 
 def test_ensure_topics_creates_requested_partitions(
-    broker: LocalBroker, topic_names: TopicNames
+    broker: KafkaCluster, topic_names: TopicNames
 ) -> None:
     wanted = {topic_names("events"): 4, topic_names("recs"): 1, topic_names("dlq"): 2}
 
@@ -95,7 +97,7 @@ def test_ensure_topics_creates_requested_partitions(
         consumer.close()
 
 
-def test_ensure_topics_is_idempotent(broker: LocalBroker, topic_names: TopicNames) -> None:
+def test_ensure_topics_is_idempotent(broker: KafkaCluster, topic_names: TopicNames) -> None:
     first, second = topic_names("a"), topic_names("b")
 
     assert ensure_topics(broker.bootstrap_servers, {first: 2}) == [first]
@@ -104,7 +106,7 @@ def test_ensure_topics_is_idempotent(broker: LocalBroker, topic_names: TopicName
     assert ensure_topics(broker.bootstrap_servers, {}) == []
 
 
-def test_ensure_topics_rejects_bad_counts(broker: LocalBroker, topic_names: TopicNames) -> None:
+def test_ensure_topics_rejects_bad_counts(broker: KafkaCluster, topic_names: TopicNames) -> None:
     with pytest.raises(ValueError, match="partitions"):
         ensure_topics(broker.bootstrap_servers, {topic_names("zero"): 0})
     with pytest.raises(ValueError, match="replication_factor"):
@@ -112,7 +114,7 @@ def test_ensure_topics_rejects_bad_counts(broker: LocalBroker, topic_names: Topi
 
 
 def test_group_commits_and_second_consumer_resumes(
-    broker: LocalBroker, topic_names: TopicNames
+    broker: KafkaCluster, topic_names: TopicNames
 ) -> None:
     topic, group = topic_names("events"), topic_names("group")
     ensure_topics(broker.bootstrap_servers, {topic: 3})
@@ -156,7 +158,9 @@ def test_group_commits_and_second_consumer_resumes(
     assert all(offset >= committed[partition] for _, _, partition, offset in got_second)
 
 
-def test_aiokafka_producer_and_group_consumer(broker: LocalBroker, topic_names: TopicNames) -> None:
+def test_aiokafka_producer_and_group_consumer(
+    broker: KafkaCluster, topic_names: TopicNames
+) -> None:
     topic, group = topic_names("events"), topic_names("group")
     ensure_topics(broker.bootstrap_servers, {topic: 4})
     sent = [(f"user-{i % 5}", f"event-{i}") for i in range(40)]
@@ -214,7 +218,7 @@ def test_a_probe_of_a_silent_port_leaves_no_client_behind() -> None:
     # running and its socket open, once per probe, unless they are closed for it.
     with socket.create_server(("127.0.0.1", 0)) as silent:
         port = silent.getsockname()[1]
-        assert not _answers_as(f"127.0.0.1:{port}", "any-cluster", 0.3)
+        assert not answers_as(f"127.0.0.1:{port}", "any-cluster", 0.3)
     assert [t.name for t in threading.enumerate() if t.name.startswith("kafka-io-")] == []
     with warnings.catch_warnings():
         warnings.simplefilter("error", ResourceWarning)

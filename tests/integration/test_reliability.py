@@ -31,7 +31,8 @@ from sqlalchemy import create_engine
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
-from stream_worker.broker import LocalBroker, free_port
+from recstream_tools.kafka import KafkaCluster
+from recstream_tools.probe import free_port
 from stream_worker.kafka_config import (
     bootstrap_list,
     kafka_python_options,
@@ -75,7 +76,7 @@ def assert_clean(report: Report) -> None:
 
 
 def test_sigkill_restart_and_clean_removal_under_load_lose_nothing_and_double_nothing(
-    broker: LocalBroker, tiny: TinyModel, pg_schema_url: str, tmp_path: Path
+    broker: KafkaCluster, tiny: TinyModel, pg_schema_url: str, tmp_path: Path
 ) -> None:
     """Two workers in one group: one is SIGKILLed mid-stream and restarted (its
     partitions move away and back), then one leaves cleanly: three rebalances."""
@@ -134,7 +135,7 @@ def assert_secret_absent(secret: str, texts: dict[str, str]) -> None:
 
 @pytest.mark.skipif(not pg_cluster_available(), reason="needs the local pg_ctlcluster")
 def test_postgres_outage_is_retried_commits_nothing_and_loses_nothing(
-    broker: LocalBroker, tiny: TinyModel, password_url: tuple[str, str], tmp_path: Path
+    broker: KafkaCluster, tiny: TinyModel, password_url: tuple[str, str], tmp_path: Path
 ) -> None:
     db_url, password = password_url
     with Chaos(

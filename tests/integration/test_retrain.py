@@ -21,7 +21,7 @@ from filelock import FileLock
 
 from model.artifacts import list_versions, load_version, read_current, read_manifest
 from model.retrain import LOCK_FILE
-from stream_worker.broker import LocalBroker
+from recstream_tools.kafka import KafkaCluster
 from stream_worker.store import make_engine, run_migrations
 from tests.integration.worker_harness import (
     TINY,
@@ -62,7 +62,7 @@ class FilledDatabase:
 
 
 @pytest.fixture(scope="module")
-def filled(broker: LocalBroker, tmp_path_factory: pytest.TempPathFactory) -> FilledDatabase:
+def filled(broker: KafkaCluster, tmp_path_factory: pytest.TempPathFactory) -> FilledDatabase:
     """A worker consumes walks over the tiny model's catalogue into a SQLite file."""
     workdir = tmp_path_factory.mktemp("retrain-worker")
     tiny = publish_tiny_model(workdir / "artifacts")

@@ -15,7 +15,8 @@ import pytest
 
 from model.artifacts import rebuild_index
 from model.config import IndexConfig
-from stream_worker.broker import LocalBroker
+from recstream_tools.kafka import KafkaCluster
+from stream_worker.broker import ensure_topics
 from stream_worker.store import load_sequences, make_engine, run_migrations
 from tests.integration.worker_harness import (
     Reader,
@@ -34,13 +35,17 @@ from tests.integration.worker_harness import (
 pytestmark = pytest.mark.integration
 
 
-def new_topics() -> dict[str, str]:
+def new_topics(bootstrap: str) -> dict[str, str]:
+    """Fresh topics of 2 partitions (worker_env's), created before anything is sent:
+    the broker creates none on its own."""
     run = uuid.uuid4().hex[:8]
-    return {
+    topics = {
         "events": f"events-{run}",
         "recommendations": f"recs-{run}",
         "dead_letter": f"dlq-{run}",
     }
+    ensure_topics(bootstrap, dict.fromkeys(topics.values(), 2))
+    return topics
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +56,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> TinyModel:
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
 def worker(
     request: pytest.FixtureRequest,
-    broker: LocalBroker,
+    broker: KafkaCluster,
     tiny: TinyModel,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[WorkerProcess]:
@@ -61,7 +66,7 @@ def worker(
     else:
         db_url = request.getfixturevalue("pg_url")
     run_migrations(db_url)
-    topics = new_topics()
+    topics = new_topics(broker.bootstrap_servers)
     env = worker_env(broker.bootstrap_servers, db_url, tiny.root, topics, workdir)
     proc = WorkerProcess(env, workdir / "worker.log", topics=topics | {"db": db_url}).start()
     yield proc
@@ -69,7 +74,7 @@ def worker(
 
 
 def test_recommendations_follow_the_contract_and_the_offline_model(
-    worker: WorkerProcess, broker: LocalBroker, tiny: TinyModel
+    worker: WorkerProcess, broker: KafkaCluster, tiny: TinyModel
 ) -> None:
     bootstrap, topics = broker.bootstrap_servers, worker.topics
     events = list(walk_events("flow", users=6, length=5))
@@ -98,7 +103,7 @@ def test_recommendations_follow_the_contract_and_the_offline_model(
 
 
 def test_every_kind_of_bad_input_is_dead_lettered_and_the_worker_keeps_serving(
-    worker: WorkerProcess, broker: LocalBroker
+    worker: WorkerProcess, broker: KafkaCluster
 ) -> None:
     bootstrap, topics = broker.bootstrap_servers, worker.topics
     now = int(time.time() * 1000)
@@ -151,12 +156,11 @@ def test_health_endpoint_reports_versions(worker: WorkerProcess, tiny: TinyModel
 
 
 def test_worker_refuses_an_unmigrated_database(
-    broker: LocalBroker, tiny: TinyModel, tmp_path: Path
+    broker: KafkaCluster, tiny: TinyModel, tmp_path: Path
 ) -> None:
-    env = worker_env(
-        broker.bootstrap_servers, f"sqlite:///{tmp_path / 'empty.db'}", tiny.root, new_topics(),
-        tmp_path,
-    )  # fmt: skip
+    bootstrap = broker.bootstrap_servers
+    db_url = f"sqlite:///{tmp_path / 'empty.db'}"
+    env = worker_env(bootstrap, db_url, tiny.root, new_topics(bootstrap), tmp_path)
     proc = subprocess.run(
         [sys.executable, "-m", "stream_worker.cli", "worker"],
         env=env, capture_output=True, text=True, timeout=120, check=False,
@@ -168,13 +172,13 @@ def test_worker_refuses_an_unmigrated_database(
 
 
 def test_redelivered_offsets_are_not_applied_twice(
-    broker: LocalBroker, tiny: TinyModel, tmp_path: Path
+    broker: KafkaCluster, tiny: TinyModel, tmp_path: Path
 ) -> None:
     """Commit nothing in Kafka (a new group each start), so the restarted worker
     re-reads every event; state must come out the same."""
     db_url = f"sqlite:///{tmp_path / 'state.db'}"
     run_migrations(db_url)
-    topics = new_topics()
+    topics = new_topics(broker.bootstrap_servers)
     bootstrap = broker.bootstrap_servers
     events = list(walk_events("redeliver", users=4, length=6))
     send(bootstrap, topics["events"], events)
@@ -201,7 +205,7 @@ def test_redelivered_offsets_are_not_applied_twice(
 
 
 def test_a_database_behind_the_committed_offsets_is_caught_up_from_kafka(
-    broker: LocalBroker, tiny: TinyModel, tmp_path: Path
+    broker: KafkaCluster, tiny: TinyModel, tmp_path: Path
 ) -> None:
     """A state database restored to an older copy (or SQLite losing its newest commits
     in a power cut) is behind the group's committed offsets: the worker re-reads from
@@ -209,7 +213,7 @@ def test_a_database_behind_the_committed_offsets_is_caught_up_from_kafka(
     db_path = tmp_path / "state.db"
     db_url = f"sqlite:///{db_path}"
     run_migrations(db_url)
-    topics = new_topics()
+    topics = new_topics(broker.bootstrap_servers)
     bootstrap = broker.bootstrap_servers
     env = worker_env(bootstrap, db_url, tiny.root, topics, tmp_path)
     engine = make_engine(db_url)
@@ -238,12 +242,12 @@ def test_a_database_behind_the_committed_offsets_is_caught_up_from_kafka(
 
 
 def test_swap_under_steady_traffic_loses_no_event_and_refuses_broken_versions(
-    broker: LocalBroker, tmp_path: Path
+    broker: KafkaCluster, tmp_path: Path
 ) -> None:
     tiny = publish_tiny_model(tmp_path / "artifacts", seed=1)
     db_url = f"sqlite:///{tmp_path / 'state.db'}"
     run_migrations(db_url)
-    topics = new_topics()
+    topics = new_topics(broker.bootstrap_servers)
     bootstrap = broker.bootstrap_servers
     env = worker_env(
         bootstrap, db_url, tiny.root, topics, tmp_path, RECSTREAM_WORKER__EMIT_PER_EVENT="true"

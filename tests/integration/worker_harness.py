@@ -26,7 +26,7 @@ from model.data import build_sequence_data
 from model.pipeline import train_and_publish
 from model.sasrec import SASRec
 from model.sequences import pad_left
-from stream_worker.broker import free_port
+from recstream_tools.probe import free_port
 from stream_worker.events import event_value
 from stream_worker.produce import generated_log
 
@@ -131,21 +131,25 @@ def send(
     """Publish (event_id, user, item) views keyed by user; returns the ids in order."""
     producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=2)
     ids = []
-    for event_id, user, item in events:
-        value = event_value(event_id, user, item, "view", ts or int(time.time() * 1000))
-        producer.send(topic, key=user.encode(), value=value)
-        ids.append(event_id)
-    producer.flush()
-    producer.close()
+    try:
+        for event_id, user, item in events:
+            value = event_value(event_id, user, item, "view", ts or int(time.time() * 1000))
+            producer.send(topic, key=user.encode(), value=value)
+            ids.append(event_id)
+        producer.flush()
+    finally:
+        producer.close()
     return ids
 
 
 def send_raw(bootstrap: str, topic: str, records: Iterable[tuple[bytes | None, bytes]]) -> None:
     producer = KafkaProducer(bootstrap_servers=bootstrap)
-    for key, value in records:
-        producer.send(topic, key=key, value=value)
-    producer.flush()
-    producer.close()
+    try:
+        for key, value in records:
+            producer.send(topic, key=key, value=value)
+        producer.flush()
+    finally:
+        producer.close()
 
 
 class Reader:

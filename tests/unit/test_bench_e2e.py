@@ -9,7 +9,7 @@ import warnings
 
 import numpy as np
 
-from stream_worker.bench.e2e import (
+from recstream_tools.bench.e2e import (
     BareResult,
     CpuSampler,
     LoadResult,

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import numpy as np
 
-from stream_worker.bench.e2e import Replay, publish_bench_model
-from stream_worker.bench.incremental import (
+from recstream_tools.bench.e2e import Replay, publish_bench_model
+from recstream_tools.bench.incremental import (
     bench_incremental,
     format_incremental,
     plot_incremental,

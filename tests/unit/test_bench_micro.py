@@ -9,7 +9,7 @@ import pytest
 
 from model.config import IndexConfig
 from model.errors import ConfigError
-from stream_worker.bench.micro import (
+from recstream_tools.bench.micro import (
     EncoderResult,
     IndexResult,
     bench_encoder,

@@ -23,7 +23,8 @@ from kafka import KafkaConsumer, KafkaProducer
 from model.config import IndexConfig, TrainConfig
 from model.data import build_sequence_data, load_interactions
 from model.pipeline import load_training_data, train_and_publish
-from stream_worker.broker import LocalBroker, free_port
+from recstream_tools.probe import free_port
+from recstream_tools.tansu import LocalBroker
 from stream_worker.errors import WorkerError
 from stream_worker.produce import (
     PlannedEvent,

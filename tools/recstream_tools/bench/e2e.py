@@ -518,7 +518,7 @@ class Bench:
         return url
 
     def _start_worker(self, topics: dict[str, str], url: str, tag: str) -> tuple[Any, int]:
-        from stream_worker.broker import free_port
+        from recstream_tools.probe import free_port
 
         port = free_port()
         env = {
@@ -861,7 +861,7 @@ def run_e2e(
     A throttled load replays ``min(events, rate * rated_seconds)`` events, so the slow
     rates do not take minutes; unthrottled loads and the bare loop replay ``events``.
     """
-    from stream_worker.broker import LocalBroker
+    from recstream_tools.tansu import LocalBroker
 
     out_dir.mkdir(parents=True, exist_ok=True)
     work = out_dir / "work"

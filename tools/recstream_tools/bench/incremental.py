@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from model.train import resolve_device
-from stream_worker.bench.e2e import Replay, load_replay, publish_bench_model
+from recstream_tools.bench.e2e import Replay, load_replay, publish_bench_model
 from stream_worker.recommender import Recommender, StageTimes
 
 logger = logging.getLogger(__name__)

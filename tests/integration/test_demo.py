@@ -1,0 +1,30 @@
+"""`recstream demo` on its embedded default, the tansu broker: no JVM, no server to start."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+
+def test_the_demo_streams_recommendations_on_the_embedded_broker(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "stream_worker.cli", "demo", "--events", "400", "--rate", "0",
+         "--epochs", "2", "--show", "3", "--workdir", str(tmp_path / "demo")],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    out = done.stdout
+    assert done.returncode == 0, out + done.stderr
+    assert "broker up at 127.0.0.1:" in out
+    # Recommendations printed as they stream out: "user -> item, item, ... (N ms)".
+    assert len(re.findall(r"-> \S+.* \(\d+ ms\)", out)) >= 3, out
+    summary = re.search(
+        r"summary: 400 events .* (\d+) recommendations for (\d+) users.* (\d+) dead letters", out
+    )
+    assert summary is not None, out
+    recommendations, users, dead_letters = map(int, summary.groups())
+    assert users > 0 and recommendations >= users
+    assert dead_letters == 3  # the demo's three malformed records

@@ -1,0 +1,1 @@
+"""Development tooling for recstream, kept out of the worker's runtime package and image."""
