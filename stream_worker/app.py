@@ -161,6 +161,8 @@ class BatchConsumer(mode.Service):
             bootstrap_servers=bootstrap_list(kafka),
             client_id=kafka.client_id,
             acks="all",
+            # Retries after a leader change or a lost connection never double an output.
+            enable_idempotence=True,
             linger_ms=worker.producer_linger_ms,
             **security_options(kafka),
         )

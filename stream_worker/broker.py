@@ -45,7 +45,7 @@ def admin_client(**configs: Any) -> KafkaAdminClient:
 def ensure_topics(
     bootstrap_servers: str,
     topics: Mapping[str, int],
-    replication_factor: int = 1,
+    replication_factor: int | None = None,
     *,
     client_config: Mapping[str, Any] | None = None,
 ) -> list[str]:
@@ -53,12 +53,13 @@ def ensure_topics(
 
     Existing topics are left alone (a different partition count is logged as a
     warning, never changed). Returns the names created, in ``topics`` order; an
-    empty list when all existed. ``client_config`` holds extra kafka-python
+    empty list when all existed. ``replication_factor`` None leaves the replicas to the
+    broker's ``default.replication.factor``. ``client_config`` holds extra kafka-python
     ``KafkaAdminClient`` options (security settings, ``client_id``, timeouts).
 
     :raises BrokerError: the broker is unreachable or refused a creation.
     """
-    if replication_factor < 1:
+    if replication_factor is not None and replication_factor < 1:
         raise ValueError(f"replication_factor must be >= 1, got {replication_factor}")
     for name, partitions in topics.items():
         if not name or partitions < 1:
@@ -81,7 +82,7 @@ def ensure_topics(
 
 
 def _ensure_topics(
-    admin: KafkaAdminClient, topics: Mapping[str, int], replication_factor: int
+    admin: KafkaAdminClient, topics: Mapping[str, int], replication_factor: int | None
 ) -> list[str]:
     existing = set(admin.list_topics())
     present = [name for name in topics if name in existing]
@@ -101,7 +102,8 @@ def _ensure_topics(
         return []
     response = admin.create_topics(
         {
-            name: {"num_partitions": n, "replication_factor": replication_factor}
+            # -1: the broker's default.replication.factor (Kafka 2.4+)
+            name: {"num_partitions": n, "replication_factor": replication_factor or -1}
             for name, n in missing.items()
         },
         raise_errors=False,

@@ -77,7 +77,12 @@ class TopicSettings(BaseModel):
     recommendations: str = "recommendations"
     dead_letter: str = "clickstream.dlq"
     partitions: int = Field(4, ge=1, description="Partitions when recstream creates a topic.")
-    replication_factor: int = Field(1, ge=1)
+    replication_factor: int | None = Field(
+        None,
+        ge=1,
+        description="Replicas of topics the worker creates; unset: the broker's "
+        "default.replication.factor.",
+    )
 
 
 class ArtifactSettings(BaseModel):

@@ -44,6 +44,7 @@ from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.pool import NullPool
 
+from recstream_tools.kafka import KafkaCluster
 from recstream_tools.probe import free_port
 from stream_worker.broker import ensure_topics
 from stream_worker.events import event_value
@@ -152,6 +153,7 @@ class Load:
         self.producer = KafkaProducer(
             bootstrap_servers=bootstrap,
             acks="all",
+            enable_idempotence=True,  # a retry after a leader change never doubles a record
             linger_ms=5,
             max_in_flight_requests_per_connection=1,
             retries=1_000_000,
@@ -795,6 +797,10 @@ class Report:
     recs_checked: int = 0
     recs_missing: int = 0
     recs_stale: int = 0
+    # Checked at each fault, from the broker: users (and hostile records) below the
+    # group's committed offset with no output yet. Must stay 0.
+    commits_checked: int = 0
+    commits_ahead: int = 0
     recovery_s: list[float] = field(default_factory=list)
     drain_s: float = 0.0  # from the last record sent to everything applied
     db_retries: int = 0  # recstream_db_retries_total, summed over the workers at the end
@@ -812,6 +818,8 @@ class Report:
             and self.recs_missing == 0
             and self.recs_stale == 0
             and self.send_failures == 0
+            and self.commits_ahead == 0
+            and not self.notes
         )
 
     def recovery_summary(self) -> str:
@@ -896,8 +904,13 @@ class Chaos:
             self.bootstrap, self.db_url, self.model.root, self.topics, self.workdir / name,
             **self.env_extra,
         )  # fmt: skip
-        env["RECSTREAM_WORKER__GROUP_ID"] = self.prefix + "-group"
+        env["RECSTREAM_WORKER__GROUP_ID"] = self.group
+        env["RECSTREAM_KAFKA__CLIENT_ID"] = name  # names the member in the group's view
         return env
+
+    @property
+    def group(self) -> str:
+        return self.prefix + "-group"
 
     def start_worker(self, name: str, timeout: float = 120) -> WorkerProcess:
         """Start (or restart) worker ``name`` and wait until it has joined the group."""
@@ -968,6 +981,90 @@ class Chaos:
             **kwargs,
         )
         return self.load.start()
+
+    def check_commits(self) -> None:
+        """No committed offset ahead of its outputs, from the broker alone: every valid
+        event below its partition's committed offset has a recommendation for its user
+        answering it or a later event, and every hostile record below it a dead letter.
+
+        Committed offsets are read first and outputs after: outputs only grow, so a gap
+        seen here was a gap when the offsets were read.
+        """
+        committed = committed_offsets(
+            self.bootstrap, self.group, self.topics["events"], self.client_options
+        )
+        if not committed:
+            return
+        options = self.client_options
+        log = read_topic(self.bootstrap, self.topics["events"], client_options=options)
+        recs = read_topic(self.bootstrap, self.topics["recommendations"], client_options=options)
+        letters = read_topic(self.bootstrap, self.topics["dead_letter"], client_options=options)
+        assert self.load is not None
+        offset_of: dict[str, tuple[int, int]] = {}  # event id -> (partition, offset)
+        last_below: dict[str, tuple[int, int]] = {}  # user -> its last event under the commit
+        hostile_below: set[tuple[int, int]] = set()
+        for rec in sorted(log, key=lambda r: (r.partition, r.offset)):
+            below = rec.offset < committed.get(rec.partition, 0)
+            if rec.key is not None and (rec.key, rec.value) in self.load.bad:
+                if below:
+                    hostile_below.add((rec.partition, rec.offset))
+                continue
+            assert rec.value is not None
+            event = json.loads(rec.value)
+            offset_of[event["event_id"]] = (rec.partition, rec.offset)
+            if below:
+                last_below[event["user_id"]] = (rec.partition, rec.offset)
+        answered: dict[str, int] = {}  # user -> offset of the newest event answered
+        for rec in recs:
+            if rec.value is None:
+                continue
+            value = json.loads(rec.value)
+            where = offset_of.get(value["source_event_id"])
+            if where is not None:
+                answered[value["user_id"]] = max(answered.get(value["user_id"], -1), where[1])
+        lettered = set()
+        for rec in letters:
+            if rec.value is not None:
+                letter = json.loads(rec.value)
+                lettered.add((letter["partition"], letter["offset"]))
+        ahead = [u for u, (_, offset) in last_below.items() if answered.get(u, -1) < offset]
+        ahead += [f"hostile {p}/{o}" for p, o in sorted(hostile_below - lettered)]
+        self.report.commits_checked += 1
+        self.report.commits_ahead += len(ahead)
+        if ahead:
+            self.report.notes.append(
+                f"committed offsets {committed} ahead of the outputs of {ahead[:5]}"
+            )
+
+    def group_assignment(self, members: int, timeout: float = 60) -> dict[str, set[int]]:
+        """The events partitions each worker (by client id) holds, as the group
+        coordinator reports it once the group is stable with ``members`` members."""
+        deadline = time.monotonic() + timeout
+        topic = self.topics["events"]
+        while True:
+            admin = KafkaAdminClient(bootstrap_servers=self.bootstrap, **self.client_options)
+            try:
+                group = admin.describe_groups([self.group])[self.group]
+            finally:
+                admin.close()
+            held: dict[str, set[int]] = {}
+            for member in group["members"]:
+                assignment = member["member_assignment"] or {}  # b"" while rebalancing
+                parts = {
+                    p
+                    for assigned in assignment.get("assigned_partitions", [])
+                    if assigned["topic"] == topic
+                    for p in assigned["partitions"]
+                }
+                held[member["client_id"]] = held.get(member["client_id"], set()) | parts
+            stable = group["group_state"] == "Stable" and all(
+                isinstance(m["member_assignment"], dict) for m in group["members"]
+            )
+            if stable and len(held) == members:
+                return held
+            if time.monotonic() > deadline:
+                raise AssertionError(f"group {self.group} not stable with {members}: {group}")
+            time.sleep(0.5)
 
     def fault_point(self) -> dict[int, int]:
         """What must be applied to call the fault recovered: every valid event acked so far."""
@@ -1104,6 +1201,7 @@ def kill_loop(
         targets = chaos.fault_point()
         since = time.monotonic()
         chaos.kill(victim)
+        chaos.check_commits()  # what the dead worker committed, against what is out
         chaos.start_worker(victim)
         chaos.recovered(targets, since)
     if then_remove:
@@ -1170,32 +1268,103 @@ def postgres_outage(
     finally:
         pg_cluster("start")
     chaos.recovered_after_restore(time.monotonic())
+    chaos.check_commits()
     return chaos.finish(), during, before_restore
 
 
-def broker_outage(
+def broker_restart(
     chaos: Chaos,
-    broker: ProxiedBroker,
+    cluster: KafkaCluster,
     *,
     rate: float,
     users: int,
-    outage: float,
+    down_s: float,
     warmup: float,
     seed: int = 0,
 ) -> Report:
-    """Two workers; every connection to the broker cut for ``outage`` seconds mid-stream."""
+    """Two workers; every node of the cluster SIGKILLed mid-stream (no shutdown, nothing
+    flushed by Kafka itself), down for ``down_s``, then started again from its on-disk
+    log. Producers, workers and the group coordinator all lose the broker at once."""
     chaos.start_workers("w1", "w2")
     chaos.start_load(users=users, rate=rate, bad_every=40, seed=seed)
     time.sleep(warmup)
     chaos.fault_point()
-    broker.proxy.cut()
-    try:
-        time.sleep(outage)
-    finally:
-        broker.proxy.restore()
+    for node in cluster.node_ids:
+        cluster.kill(node)
+    time.sleep(down_s)
+    for node in cluster.node_ids:
+        cluster.start_node(node, wait=False)
+    cluster.wait_ready()
     chaos.recovered_after_restore(time.monotonic())
+    chaos.check_commits()
     time.sleep(warmup)
     return chaos.finish()
+
+
+def leader_kill(
+    chaos: Chaos,
+    cluster: KafkaCluster,
+    *,
+    rate: float,
+    users: int,
+    down_s: float,
+    warmup: float,
+    seed: int = 0,
+) -> tuple[Report, dict[int, int], dict[int, int]]:
+    """Two workers on a replicated cluster; the node leading the most events partitions
+    SIGKILLed under load, down for ``down_s`` (its partitions fail over to in-sync
+    replicas), then started again. Returns the report and the events partitions'
+    leaders before the kill and while the node was down."""
+    chaos.start_workers("w1", "w2")
+    chaos.start_load(users=users, rate=rate, bad_every=40, seed=seed)
+    time.sleep(warmup)
+    before = cluster.partition_leaders(chaos.topics["events"])
+    victim = Counter(before.values()).most_common(1)[0][0]
+    targets = chaos.fault_point()
+    since = time.monotonic()
+    cluster.kill(victim)
+    deadline = time.monotonic() + 60
+    during = cluster.partition_leaders(chaos.topics["events"])
+    while victim in during.values() or -1 in during.values():  # until all failed over
+        if time.monotonic() > deadline:
+            chaos.report.notes.append(f"leadership did not leave node {victim}: {during}")
+            break
+        time.sleep(0.5)
+        during = cluster.partition_leaders(chaos.topics["events"])
+    chaos.recovered(targets, since)
+    chaos.check_commits()
+    time.sleep(max(0.0, down_s - (time.monotonic() - since)))
+    cluster.start_node(victim)
+    time.sleep(warmup)
+    return chaos.finish(), before, during
+
+
+def scale(
+    chaos: Chaos, *, rate: float, users: int, hold: float, seed: int = 0
+) -> tuple[Report, list[dict[str, set[int]]]]:
+    """One worker, then three, then one again, under load (clean starts and SIGTERMs).
+    Returns the group's assignment (client id -> events partitions) after each step, as
+    the group coordinator reports it."""
+    chaos.start_worker("w1")
+    chaos.start_load(users=users, rate=rate, bad_every=40, seed=seed)
+    views = [chaos.group_assignment(1)]
+    time.sleep(hold)
+    targets = chaos.fault_point()
+    since = time.monotonic()
+    chaos.start_workers("w2", "w3")
+    views.append(chaos.group_assignment(3))
+    chaos.recovered(targets, since)
+    time.sleep(hold)
+    targets = chaos.fault_point()
+    since = time.monotonic()
+    for name in ("w2", "w3"):
+        if (code := chaos.stop_worker(name)) != 0:
+            chaos.report.notes.append(f"worker {name} exited {code} on SIGTERM")
+    views.append(chaos.group_assignment(1))
+    chaos.recovered(targets, since)
+    chaos.check_commits()
+    time.sleep(hold)
+    return chaos.finish(), views
 
 
 def steady(chaos: Chaos, *, rate: float, users: int, seconds: float, seed: int = 0) -> Report:
@@ -1214,8 +1383,10 @@ def many_users(chaos: Chaos, *, users: int, timeout: float) -> Report:
     return chaos.finish(drain_timeout=timeout, rec_sample=2000)
 
 
-def committed_offsets(bootstrap: str, group: str, topic: str) -> dict[int, int]:
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+def committed_offsets(
+    bootstrap: str, group: str, topic: str, client_options: dict[str, Any] | None = None
+) -> dict[int, int]:
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap, **(client_options or {}))
     try:
         offsets = admin.list_group_offsets({group: None}).get(group, {})
     finally:

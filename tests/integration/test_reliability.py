@@ -10,6 +10,7 @@ import asyncio
 import json
 import logging
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
@@ -25,6 +26,7 @@ import aiokafka
 import aiokafka.errors
 import pytest
 from kafka import KafkaAdminClient
+from kafka.admin import ConfigResource, ConfigResourceType
 from kafka.errors import KafkaError
 from pydantic import SecretStr
 from sqlalchemy import create_engine
@@ -42,12 +44,13 @@ from stream_worker.settings import KafkaSettings
 from stream_worker.store import run_migrations
 from tests.factories import make_pki, mutual_tls_settings
 from tests.integration.reliability_harness import (
+    PARTITIONS,
     Chaos,
     ProxiedBroker,
     Report,
     kill_loop,
-    pg_cluster_available,
     postgres_outage,
+    scale,
     steady,
 )
 from tests.integration.worker_harness import TinyModel, publish_tiny_model
@@ -75,11 +78,12 @@ def assert_clean(report: Report) -> None:
     assert not report.notes, shown
 
 
-def test_sigkill_restart_and_clean_removal_under_load_lose_nothing_and_double_nothing(
+def test_five_sigkills_and_a_clean_removal_under_load_lose_nothing_and_double_nothing(
     broker: KafkaCluster, tiny: TinyModel, pg_schema_url: str, tmp_path: Path
 ) -> None:
-    """Two workers in one group: one is SIGKILLed mid-stream and restarted (its
-    partitions move away and back), then one leaves cleanly: three rebalances."""
+    """Two workers in one group: five times one is SIGKILLed mid-stream and restarted at
+    once (its partitions move away and back), then one leaves cleanly. After each kill
+    the group's committed offsets are checked against what is in the output topics."""
     run_migrations(pg_schema_url)
     with Chaos(
         bootstrap=broker.bootstrap_servers,
@@ -90,10 +94,35 @@ def test_sigkill_restart_and_clean_removal_under_load_lose_nothing_and_double_no
         session_timeout_s=SESSION_TIMEOUT_S,
     ) as chaos:
         report = kill_loop(
-            chaos, kills=1, rate=150, users=200, gap=(1.5, 2.0), seed=1, then_remove=True
+            chaos, kills=5, rate=150, users=200, gap=(1.0, 2.0), seed=1, then_remove=True
         )
     assert_clean(report)
-    assert report.faults == 2 and len(report.recovery_s) == 2
+    assert report.faults == 6 and len(report.recovery_s) == 6
+    assert report.commits_checked == 5
+
+
+def test_scaling_one_three_one_moves_partitions_and_loses_nothing(
+    broker: KafkaCluster, tiny: TinyModel, pg_schema_url: str, tmp_path: Path
+) -> None:
+    run_migrations(pg_schema_url)
+    with Chaos(
+        bootstrap=broker.bootstrap_servers,
+        db_url=pg_schema_url,
+        model=tiny,
+        workdir=tmp_path,
+        name="scale",
+        session_timeout_s=SESSION_TIMEOUT_S,
+    ) as chaos:
+        report, (one, three, back) = scale(chaos, rate=150, users=200, hold=2.0)
+    assert_clean(report)
+    every = set(range(PARTITIONS))
+    # As the group coordinator saw it: w1 alone holds everything, then each of three
+    # workers holds a share and w1 gave some away, then w1 holds everything again.
+    assert one == {"w1": every}
+    assert set(three) == {"w1", "w2", "w3"} and all(three.values())
+    assert set().union(*three.values()) == every and sum(map(len, three.values())) == PARTITIONS
+    assert three["w1"] < every
+    assert back == {"w1": every}
 
 
 # ------------------------------------------------------------------- database outage
@@ -133,8 +162,7 @@ def assert_secret_absent(secret: str, texts: dict[str, str]) -> None:
             assert form not in body, f"a secret appears in {where}"
 
 
-@pytest.mark.skipif(not pg_cluster_available(), reason="needs the local pg_ctlcluster")
-def test_postgres_outage_is_retried_commits_nothing_and_loses_nothing(
+def test_a_postgres_outage_of_30_s_is_retried_commits_nothing_and_loses_nothing(
     broker: KafkaCluster, tiny: TinyModel, password_url: tuple[str, str], tmp_path: Path
 ) -> None:
     db_url, password = password_url
@@ -148,7 +176,7 @@ def test_postgres_outage_is_retried_commits_nothing_and_loses_nothing(
         extra_env={"RECSTREAM_LOG_LEVEL": "DEBUG"},
     ) as chaos:
         report, during, before_restore = postgres_outage(
-            chaos, rate=150, users=200, outage=5.0, warmup=1.5
+            chaos, rate=150, users=200, outage=30.0, warmup=1.5
         )
         texts = {"worker log": chaos.workers["w1"].log(), **chaos.pages}
     assert_clean(report)
@@ -158,6 +186,141 @@ def test_postgres_outage_is_retried_commits_nothing_and_loses_nothing(
     assert report.db_retries > 0
     assert "database unavailable" in texts["worker log"]
     assert_secret_absent(password, texts)
+
+
+def _privileges(admin_url: str, worker_url: str, action: str) -> None:
+    """GRANT or REVOKE the worker role's writes on the state tables."""
+    role = make_url(worker_url).username
+    verb = {"grant": "GRANT", "revoke": "REVOKE"}[action]
+    direction = "TO" if action == "grant" else "FROM"
+    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT", poolclass=NullPool)
+    try:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(
+                f"{verb} INSERT, UPDATE ON user_sequences, partition_offsets {direction} {role}"
+            )
+    finally:
+        admin.dispose()
+
+
+def _wait_exit(chaos: Chaos, name: str, timeout: float = 60) -> int:
+    proc = chaos.workers[name].proc
+    assert proc is not None
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        tail = chaos.workers[name].log()[-3000:]
+        raise AssertionError(f"worker {name} kept running:\n{tail}") from None
+
+
+def test_a_batch_that_raises_stops_the_worker_without_committing_and_a_restart_loses_nothing(
+    broker: KafkaCluster,
+    tiny: TinyModel,
+    pg_schema_url: str,
+    password_url: tuple[str, str],
+    tmp_path: Path,
+) -> None:
+    """The worker's role loses its write privileges mid-stream: applying the batch
+    raises (not an outage: nothing to wait for). Documented outcome: the worker exits
+    non-zero without committing; once the privileges are back, a restart re-reads the
+    batch and nothing is lost or applied twice."""
+    db_url, _ = password_url
+    with Chaos(
+        bootstrap=broker.bootstrap_servers, db_url=db_url, model=tiny, workdir=tmp_path,
+        name="raises",
+    ) as chaos:  # fmt: skip
+        chaos.start_worker("w1")
+        chaos.start_load(users=200, rate=150, bad_every=40)
+        time.sleep(2.0)
+        targets = chaos.fault_point()
+        _privileges(pg_schema_url, db_url, "revoke")
+        code = _wait_exit(chaos, "w1")
+        chaos.check_commits()
+        _privileges(pg_schema_url, db_url, "grant")
+        since = time.monotonic()
+        chaos.start_worker("w1")
+        chaos.recovered(targets, since)
+        log = chaos.workers["w1"].log()
+        report = chaos.finish()
+    assert code != 0
+    assert "batch failed" in log and "permission denied" in log
+    assert_clean(report)
+    assert report.commits_checked == 1
+
+
+def test_a_send_the_broker_refuses_stops_the_worker_without_committing(
+    broker: KafkaCluster, tiny: TinyModel, pg_schema_url: str, tmp_path: Path
+) -> None:
+    """The recommendations topic's max.message.bytes drops below a recommendation's
+    size mid-stream: the broker refuses the worker's sends (not retriable). Documented
+    outcome: the worker exits non-zero without committing the batches of the refused
+    outputs; once the limit is back, a restart publishes them and nothing is lost."""
+    run_migrations(pg_schema_url)
+    with Chaos(
+        bootstrap=broker.bootstrap_servers, db_url=pg_schema_url, model=tiny,
+        workdir=tmp_path, name="refused",
+    ) as chaos:  # fmt: skip
+        chaos.start_worker("w1")
+        chaos.start_load(users=200, rate=150, bad_every=40)
+        time.sleep(2.0)
+        targets = chaos.fault_point()
+        recs = chaos.topics["recommendations"]
+        topic_config(broker.bootstrap_servers, recs, {"max.message.bytes": "64"})
+        code = _wait_exit(chaos, "w1")
+        chaos.check_commits()
+        topic_config(broker.bootstrap_servers, recs, {"max.message.bytes": "1048588"})
+        since = time.monotonic()
+        chaos.start_worker("w1")
+        chaos.recovered(targets, since)
+        log = chaos.workers["w1"].log()
+        report = chaos.finish()
+    assert code != 0
+    assert "publishing failed; stopping without committing" in log
+    assert_clean(report)
+
+
+def test_a_failed_commit_is_logged_and_covered_by_the_stored_offsets(
+    broker: KafkaCluster, tiny: TinyModel, pg_schema_url: str, tmp_path: Path
+) -> None:
+    """A worker frozen (SIGSTOP) past its session timeout is removed from the group and
+    its partitions move to the other worker; thawed, its commit of the batches it had
+    done is refused by the coordinator. Documented outcome: logged, the worker rejoins
+    and goes on; the other worker re-read those events, answered them and did not apply
+    them twice (the offsets stored with the state)."""
+    run_migrations(pg_schema_url)
+    with Chaos(
+        bootstrap=broker.bootstrap_servers, db_url=pg_schema_url, model=tiny,
+        workdir=tmp_path, name="commitfail", session_timeout_s=SESSION_TIMEOUT_S,
+        # Commit rarely, so that the frozen worker certainly holds uncommitted batches.
+        extra_env={"RECSTREAM_WORKER__COMMIT_INTERVAL_S": "30"},
+    ) as chaos:  # fmt: skip
+        chaos.start_workers("w1", "w2")
+        chaos.start_load(users=200, rate=150, bad_every=40)
+        time.sleep(3.0)
+        targets = chaos.fault_point()
+        since = time.monotonic()
+        w1 = chaos.workers["w1"].proc
+        assert w1 is not None
+        w1.send_signal(signal.SIGSTOP)
+        try:
+            chaos.group_assignment(1, timeout=SESSION_TIMEOUT_S * 4)  # w2 alone
+        finally:
+            w1.send_signal(signal.SIGCONT)
+        chaos.recovered(targets, since)
+        chaos.group_assignment(2)  # w1 back in the group
+        time.sleep(2.0)
+        log = chaos.workers["w1"].log()
+        report = chaos.finish()
+    assert "offset commit failed" in log, log[-3000:]
+    assert_clean(report)
+
+
+def topic_config(bootstrap: str, topic: str, configs: dict[str, str]) -> None:
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    try:
+        admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, topic, configs=configs)])
+    finally:
+        admin.close()
 
 
 # ------------------------------------------------------------------ Kafka TLS and SASL

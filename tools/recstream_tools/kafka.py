@@ -469,15 +469,27 @@ class KafkaCluster:
 
     # ------------------------------------------------------------------ admin views
 
-    def partition_leaders(self, topic: str) -> dict[int, int]:
-        """partition -> leader node id (-1: none) of ``topic``, as the cluster reports it."""
-        live = [n for n in self.node_ids if self._nodes[n].running]
-        admin = admin_client(bootstrap_servers=",".join(self.bootstrap_of(n) for n in live))
-        try:
-            (info,) = admin.describe_topics([topic])
-        finally:
-            admin.close()
-        return {p["partition"]: p["leader"] for p in info["partitions"]}
+    def partition_leaders(self, topic: str, timeout_s: float = 30.0) -> dict[int, int]:
+        """partition -> leader node id (-1: none) of ``topic``, as the cluster reports it.
+
+        Asked of the running nodes, again until ``timeout_s`` while a dead node is still
+        in the metadata and a request goes its way.
+        """
+        deadline = time.monotonic() + timeout_s
+        while True:
+            live = ",".join(self.bootstrap_of(n) for n in self.node_ids if self._nodes[n].running)
+            try:
+                admin = admin_client(bootstrap_servers=live, request_timeout_ms=5000)
+                try:
+                    (info,) = admin.describe_topics([topic])
+                finally:
+                    admin.close()
+            except KafkaError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+                continue
+            return {p["partition_index"]: p["leader_id"] for p in info["partitions"]}
 
 
 # ---------------------------------------------------------------------- scripts/kafka
