@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Long reliability runs against real workers, a real broker and PostgreSQL.
+"""Long reliability runs against real workers, Apache Kafka and PostgreSQL.
 
 Each scenario starts ``recstream worker`` processes on a fresh PostgreSQL database and
 fresh topics, sends events (with hostile records mixed in) while it injects faults, then
@@ -13,10 +13,15 @@ one table row per scenario (``docs/reliability.md`` explains the columns).
     .venv/bin/python scripts/chaos.py users --users 1000000 --json out.json
 
 Scenarios: ``kill`` (two workers, SIGKILL one at random moments and restart it),
-``broker`` (every broker connection cut mid-stream, then restored), ``postgres``
-(PostgreSQL stopped and started; needs the local cluster and root), ``rebalance`` (add
-and remove workers under load), ``users`` (one event for each of N new users; peak RSS).
-Exit status 1 when any check fails.
+``broker`` (a one-node Kafka SIGKILLed mid-stream and restarted from its on-disk log),
+``leader`` (three nodes, replication factor 3: the leader of the events partitions
+SIGKILLed under load, restarted later), ``postgres`` (PostgreSQL stopped and started;
+needs the local cluster and root), ``rebalance`` (add and remove workers under load),
+``scale`` (one worker, then three, then one; the group's assignment read from the
+coordinator), ``users`` (one event for each of N new users; peak RSS). Exit status 1
+when any check of any scenario fails, a note included (a note is a broken promise:
+records missing from the log, a commit ahead of its outputs, a worker that did not
+stop cleanly, a fault that did not recover).
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # The harness is shared with the test suite (tests/integration/test_reliability.py).
 sys.path.insert(0, str(ROOT))
 
-from recstream_tools.tansu import LocalBroker  # noqa: E402
+from recstream_tools.kafka import KafkaCluster  # noqa: E402
 from stream_worker.store import run_migrations  # noqa: E402
 from tests.integration import reliability_harness as rh  # noqa: E402
 from tests.integration.worker_harness import TinyModel, publish_tiny_model  # noqa: E402
@@ -73,13 +78,14 @@ def table(reports: list[rh.Report]) -> str:
 
 
 class World:
-    """What every scenario needs: a model, a broker, a PostgreSQL database per scenario."""
+    """What every scenario needs: a model, a broker (a one-node Apache Kafka cluster,
+    shared), a PostgreSQL database per scenario. Broker faults get clusters of their own."""
 
     def __init__(self, args: argparse.Namespace, workdir: Path) -> None:
         self.args = args
         self.workdir = workdir
         self.model: TinyModel = publish_tiny_model(workdir / "artifacts")
-        self.broker = LocalBroker(log_dir=workdir / "broker").start()
+        self.broker = KafkaCluster(workdir / "kafka", nodes=1).start()
 
     def close(self) -> None:
         self.broker.stop()
@@ -122,23 +128,39 @@ def run_kill(world: World, args: argparse.Namespace) -> rh.Report:
 
 
 def run_broker(world: World, args: argparse.Namespace) -> rh.Report:
-    proxied = rh.ProxiedBroker(world.workdir / "proxied-broker").start()
-    try:
+    with KafkaCluster(world.workdir / "kafka-restart", nodes=1) as cluster:
         return world.run(
             "broker",
-            lambda chaos: rh.broker_outage(
+            lambda chaos: rh.broker_restart(
                 chaos,
-                proxied,
+                cluster,
                 rate=args.rate,
                 users=args.users_pool,
-                outage=args.outage,
+                down_s=args.outage,
                 warmup=args.warmup,
                 seed=args.seed,
             ),
-            bootstrap=proxied.bootstrap_servers,
+            bootstrap=cluster.bootstrap_servers,
         )
-    finally:
-        proxied.stop()
+
+
+def run_leader(world: World, args: argparse.Namespace) -> rh.Report:
+    with KafkaCluster(world.workdir / "kafka-3", nodes=3) as cluster:
+
+        def scenario(chaos: rh.Chaos) -> rh.Report:
+            report, before, during = rh.leader_kill(
+                chaos,
+                cluster,
+                rate=args.rate,
+                users=args.users_pool,
+                down_s=args.outage,
+                warmup=args.warmup,
+                seed=args.seed,
+            )
+            logger.info("events leaders before the kill %s, while down %s", before, during)
+            return report
+
+        return world.run("leader", scenario, bootstrap=cluster.bootstrap_servers)
 
 
 def run_postgres(world: World, args: argparse.Namespace) -> rh.Report:
@@ -178,6 +200,20 @@ def run_rebalance(world: World, args: argparse.Namespace) -> rh.Report:
     )
 
 
+def run_scale(world: World, args: argparse.Namespace) -> rh.Report:
+    def scenario(chaos: rh.Chaos) -> rh.Report:
+        report, views = rh.scale(
+            chaos, rate=args.rate, users=args.users_pool, hold=args.hold, seed=args.seed
+        )
+        shown = [{name: sorted(parts) for name, parts in view.items()} for view in views]
+        logger.info("assignments (1 -> 3 -> 1 workers): %s", json.dumps(shown))
+        if len(views[1]) != 3 or not all(views[1].values()):
+            report.notes.append(f"three workers did not all get partitions: {shown[1]}")
+        return report
+
+    return world.run("scale", scenario)
+
+
 def run_users(world: World, args: argparse.Namespace) -> rh.Report:
     return world.run(
         "users",
@@ -188,8 +224,10 @@ def run_users(world: World, args: argparse.Namespace) -> rh.Report:
 SCENARIOS: dict[str, Callable[[World, argparse.Namespace], rh.Report]] = {
     "kill": run_kill,
     "broker": run_broker,
+    "leader": run_leader,
     "postgres": run_postgres,
     "rebalance": run_rebalance,
+    "scale": run_scale,
     "users": run_users,
 }
 
@@ -213,9 +251,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--kills", type=int, default=5, help="kill: SIGKILLs")
     parser.add_argument("--min-gap", type=float, default=4.0, help="kill: least seconds between")
     parser.add_argument("--max-gap", type=float, default=12.0, help="kill: most seconds between")
-    parser.add_argument("--outage", type=float, default=15.0, help="broker/postgres: seconds down")
-    parser.add_argument("--warmup", type=float, default=5.0, help="broker/postgres: load first")
-    parser.add_argument("--hold", type=float, default=8.0, help="rebalance: seconds per step")
+    parser.add_argument(
+        "--outage", type=float, default=15.0, help="broker/leader/postgres: seconds down"
+    )
+    parser.add_argument(
+        "--warmup", type=float, default=5.0, help="broker/leader/postgres: load first"
+    )
+    parser.add_argument("--hold", type=float, default=8.0, help="rebalance/scale: seconds per step")
     parser.add_argument("--users", type=int, default=1_000_000, help="users: distinct users")
     parser.add_argument("--timeout", type=float, default=900, help="users: most seconds to drain")
     parser.add_argument("--json", type=Path, help="also write the reports as JSON here")

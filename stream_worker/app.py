@@ -162,7 +162,7 @@ class BatchConsumer(mode.Service):
             client_id=kafka.client_id,
             acks="all",
             # Retries after a leader change or a lost connection never double an output.
-            enable_idempotence=True,
+            enable_idempotence=worker.idempotent_producer,
             linger_ms=worker.producer_linger_ms,
             **security_options(kafka),
         )

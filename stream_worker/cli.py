@@ -319,7 +319,7 @@ def produce(
     from kafka import KafkaProducer
 
     from model.data import load_interactions
-    from stream_worker.kafka_config import kafka_python_options
+    from stream_worker.kafka_config import check_connection, kafka_python_options
     from stream_worker.produce import generate_clicks, plan_replay, send_events
 
     settings = load_settings()
@@ -329,6 +329,7 @@ def produce(
         plan = plan_replay(load_interactions(data, fmt), speed=speed, limit=limit)
     else:
         plan = generate_clicks(generate if limit is None else min(generate, limit))
+    check_connection(settings.kafka)
     producer = KafkaProducer(**kafka_python_options(settings.kafka), linger_ms=5, acks="all")
     try:
         sent = send_events(producer, settings.topics.events, plan, rate=rate, progress=progress)

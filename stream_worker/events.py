@@ -324,8 +324,14 @@ def recommendation_value(
     source_event_id: str,
     event_ts: int,
     produced_ts: int,
+    source_partition: int,
+    source_offset: int,
 ) -> bytes:
     """The recommendation record value (see ``recommendation.schema.json``), UTF-8 JSON.
+
+    ``source_partition``/``source_offset`` locate the answered event: a user's events
+    share a partition, so a higher offset is always a newer state, even where a worker
+    removed from its group published late (consumers keep the highest per user).
 
     Scores become Python floats rounded to 6 decimals; a NaN or infinite score raises
     ``ValueError`` (it would not be JSON).
@@ -340,6 +346,8 @@ def recommendation_value(
         "source_event_id": source_event_id,
         "event_ts": event_ts,
         "produced_ts": produced_ts,
+        "source_partition": source_partition,
+        "source_offset": source_offset,
     }
     return json.dumps(doc, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode(
         "utf-8"

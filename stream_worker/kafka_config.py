@@ -7,13 +7,24 @@ configuration (the SASL password in clear) and both libraries print raw protocol
 ``kafka`` and ``aiokafka`` loggers are held at INFO, whatever ``RECSTREAM_LOG_LEVEL`` says.
 """
 
+import asyncio
 import logging
 import ssl
+import time
 from typing import Any
 
 import faust
+from aiokafka.conn import create_conn
+from aiokafka.errors import (
+    AuthenticationFailedError,
+    AuthenticationMethodNotSupported,
+    KafkaError,
+    SaslAuthenticationFailed,
+    UnsupportedSaslMechanismError,
+)
 
 from model.errors import ConfigError
+from stream_worker.errors import BrokerError
 from stream_worker.settings import KafkaSettings
 
 logger = logging.getLogger(__name__)
@@ -119,3 +130,68 @@ def security_options(settings: KafkaSettings) -> dict[str, Any]:
     if context is not None:
         options["ssl_context"] = context
     return options
+
+
+def check_connection(settings: KafkaSettings, timeout_s: float = 30.0) -> None:
+    """Connect to a bootstrap server once, TLS and SASL included, before any client starts.
+
+    The client libraries log a refused login and then report only that they could not
+    bootstrap; this names the cause. A refused login, an unknown mechanism or a
+    certificate that does not verify fail at once (trying again cannot help); an
+    unreachable broker is tried again until ``timeout_s``.
+
+    :raises BrokerError: one line naming the servers and the cause, never a secret.
+    """
+    asyncio.run(_check_connection(settings, timeout_s))
+
+
+async def _check_connection(settings: KafkaSettings, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    servers = bootstrap_list(settings)
+    options = security_options(settings)
+    while True:
+        reasons = []
+        for server in servers:
+            host, _, port = server.rpartition(":")
+            try:
+                conn = await asyncio.wait_for(
+                    create_conn(
+                        host or "localhost", int(port), client_id=settings.client_id,
+                        request_timeout_ms=10_000, **options,
+                    ),
+                    timeout=10,
+                )  # fmt: skip
+            except (
+                SaslAuthenticationFailed,
+                AuthenticationFailedError,
+                AuthenticationMethodNotSupported,
+                UnsupportedSaslMechanismError,
+            ) as exc:
+                raise BrokerError(
+                    f"Kafka at {server} refused the SASL login of user "
+                    f"{settings.sasl_username!r} ({settings.sasl_mechanism}): {_sasl_reason(exc)}; "
+                    "check RECSTREAM_KAFKA__SASL_USERNAME and RECSTREAM_KAFKA__SASL_PASSWORD"
+                ) from None
+            except ssl.SSLCertVerificationError as exc:
+                raise BrokerError(
+                    f"Kafka at {server}: its TLS certificate did not verify "
+                    f"({exc.verify_message}); check RECSTREAM_KAFKA__SSL_CAFILE"
+                ) from None
+            except (KafkaError, OSError, TimeoutError, ValueError) as exc:
+                reasons.append(f"{server}: {type(exc).__name__}: {exc}".rstrip(": "))
+                continue
+            conn.close()
+            return
+        if time.monotonic() >= deadline:
+            raise BrokerError(
+                f"Could not connect to Kafka at {settings.bootstrap_servers} "
+                f"({settings.security_protocol}) within {timeout_s:g}s: {'; '.join(reasons)}"
+            )
+        await asyncio.sleep(1.0)
+
+
+def _sasl_reason(exc: Exception) -> str:
+    # The broker's words ("invalid credentials with SASL mechanism ..."); they never
+    # carry the password, which is only ever sent as a SCRAM proof or inside PLAIN's frame.
+    text = str(exc).split(": ", 1)[-1] or type(exc).__name__
+    return text.rstrip(".")

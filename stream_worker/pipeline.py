@@ -219,5 +219,7 @@ class BatchProcessor:
             event.event_id,
             event.ts,
             produced,
+            event.partition,
+            event.offset,
         )
         return user.encode(), value

@@ -7,7 +7,7 @@ import faust
 
 from stream_worker.app import WorkerContext, create_app, limit_cpu_threads
 from stream_worker.broker import ensure_topics
-from stream_worker.kafka_config import security_options
+from stream_worker.kafka_config import check_connection, security_options
 from stream_worker.settings import Settings
 from stream_worker.store import check_migrated, make_engine, redacted
 
@@ -19,6 +19,7 @@ def prepare_worker(settings: Settings) -> WorkerContext:
     url = settings.database.url.get_secret_value()
     engine = make_engine(url, pool_size=settings.database.pool_size, echo=settings.database.echo)
     check_migrated(engine)
+    check_connection(settings.kafka)
     topics = settings.topics
     created = ensure_topics(
         settings.kafka.bootstrap_servers,

@@ -161,6 +161,12 @@ class WorkerSettings(BaseModel):
         description="Consumer group session timeout; a dead worker's partitions move after it.",
     )
     producer_linger_ms: int = Field(5, ge=0, description="Producer batching delay.")
+    idempotent_producer: bool = Field(
+        True,
+        description="Outputs are sent by an idempotent producer, so a retry after a "
+        "leader change or a lost connection never doubles one. Off only for brokers that "
+        "lack InitProducerId (the demo's embedded tansu).",
+    )
     fetch_max_wait_ms: int = Field(
         10,
         ge=1,

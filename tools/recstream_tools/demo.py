@@ -126,6 +126,8 @@ def run_demo(
             "RECSTREAM_ARTIFACTS__ROOT": str(root),
             "RECSTREAM_WORKER__WEB_PORT": str(free_port()),
             "RECSTREAM_WORKER__DATA_DIR": str(workdir / "worker"),
+            # tansu has no InitProducerId: the worker's producer cannot be idempotent.
+            "RECSTREAM_WORKER__IDEMPOTENT_PRODUCER": "false",
         }
         topics = settings.topics
         with (workdir / "worker.log").open("w") as worker_log:

@@ -105,6 +105,42 @@ def kafka_classpath() -> str:
     return cp_file.read_text().strip()
 
 
+SCRAM_MECHANISM = "SCRAM-SHA-512"
+
+
+def secured(ca: Path, cert: Path, key: Path, keystore: Path) -> dict[str, Any]:
+    """``KafkaCluster`` arguments for a secured cluster: a SASL_SSL listener ``SECURE``
+    (SCRAM-SHA-512 over TLS) and a mutual-TLS listener ``MTLS`` (client certificates
+    signed by ``ca``), both with the server certificate ``cert``/``key`` (PEM, the key
+    unencrypted PKCS#8), under the StandardAuthorizer: nothing is allowed without an ACL,
+    except to the super user ``User:ANONYMOUS``, which is what the PLAINTEXT listener
+    (inter-broker, and the tests' administration on loopback) authenticates as.
+
+    ``keystore`` is written: the key and certificate in one PEM file, as Kafka reads it.
+    Users are created afterwards with ``alter_user_scram_credentials``.
+    """
+    keystore.write_text(key.read_text() + cert.read_text())
+    tls = {
+        "ssl.keystore.type": "PEM",
+        "ssl.keystore.location": str(keystore),
+        "ssl.truststore.type": "PEM",
+        "ssl.truststore.location": str(ca),
+    }
+    properties = {
+        "authorizer.class.name": "org.apache.kafka.metadata.authorizer.StandardAuthorizer",
+        "super.users": "User:ANONYMOUS",
+        "allow.everyone.if.no.acl.found": "false",
+        "sasl.enabled.mechanisms": SCRAM_MECHANISM,
+        "listener.name.secure.scram-sha-512.sasl.jaas.config": (
+            "org.apache.kafka.common.security.scram.ScramLoginModule required;"
+        ),
+        **{f"listener.name.secure.{k}": v for k, v in tls.items()},
+        **{f"listener.name.mtls.{k}": v for k, v in tls.items()},
+        "listener.name.mtls.ssl.client.auth": "required",
+    }
+    return {"listeners": {"SECURE": "SASL_SSL", "MTLS": "SSL"}, "properties": properties}
+
+
 def _java() -> str:
     home = os.environ.get("JAVA_HOME")
     java = os.path.join(home, "bin", "java") if home else shutil.which("java")
@@ -119,6 +155,7 @@ class _Node:
     port: int
     controller_port: int
     dir: Path
+    extra_ports: dict[str, int] = field(default_factory=dict)  # listener name -> port
     proc: subprocess.Popen[bytes] | None = None
     out: IO[bytes] | None = field(default=None, repr=False)
 
@@ -140,9 +177,11 @@ class KafkaCluster:
 
     ``first_port`` fixes the client port of node 1 (node N gets ``first_port + N - 1``);
     by default free ports are picked. ``properties`` adds or overrides
-    ``server.properties`` entries for every node; ``listeners`` replaces the client
-    listener (a mapping name -> (security protocol, port or None)); the first listener
-    is the inter-broker one. ``format_args`` go to the storage tool (``--add-scram``).
+    ``server.properties`` entries for every node. Every node listens on PLAINTEXT (the
+    inter-broker listener, and the one ``bootstrap_servers`` names) and on each of
+    ``listeners`` (name -> security protocol, e.g. ``{"SECURE": "SASL_SSL"}``), each on
+    a port of its own: :meth:`bootstrap_for` names them. ``format_args`` go to the
+    storage tool (``--add-scram``).
     """
 
     def __init__(
@@ -152,6 +191,7 @@ class KafkaCluster:
         nodes: int = 1,
         first_port: int | None = None,
         properties: Mapping[str, str] | None = None,
+        listeners: Mapping[str, str] | None = None,
         format_args: Sequence[str] = (),
         heap_mb: int = 512,
         startup_timeout_s: float = 120.0,
@@ -162,6 +202,9 @@ class KafkaCluster:
         self.workdir = Path(workdir)
         self.nodes = nodes
         self._properties = dict(properties or {})
+        self._listeners = dict(listeners or {})
+        if {"PLAINTEXT", "CONTROLLER"} & {name.upper() for name in self._listeners}:
+            raise BrokerError("PLAINTEXT and CONTROLLER are the cluster's own listeners.")
         self._format_args = list(format_args)
         self._heap_mb = heap_mb
         self._startup_timeout_s = startup_timeout_s
@@ -179,6 +222,10 @@ class KafkaCluster:
         if not self._nodes:
             raise BrokerError("The Kafka cluster is not started: call start() first.")
         return ",".join(f"{HOST}:{n.port}" for n in self._nodes.values())
+
+    def bootstrap_for(self, listener: str) -> str:
+        """Every node's address on the extra listener ``listener``, comma-separated."""
+        return ",".join(f"{HOST}:{n.extra_ports[listener]}" for n in self._nodes.values())
 
     def bootstrap_of(self, node_id: int) -> str:
         return f"{HOST}:{self._nodes[node_id].port}"
@@ -229,14 +276,18 @@ class KafkaCluster:
             saved = json.loads(state.read_text())
             self.cluster_id = saved["cluster_id"]
             for item in saved["nodes"]:
-                node = _Node(item["id"], item["port"], item["controller_port"], Path(item["dir"]))
+                node = _Node(
+                    item["id"], item["port"], item["controller_port"], Path(item["dir"]),
+                    dict(item.get("extra_ports", {})),
+                )  # fmt: skip
                 self._nodes[node.node_id] = node
             return
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.cluster_id = self._run_tool("random-uuid").strip().splitlines()[-1]
         for i in range(1, self.nodes + 1):
             port = self._first_port + i - 1 if self._first_port else free_port()
-            node = _Node(i, port, free_port(), self.workdir / f"node-{i}")
+            extra = {name: free_port() for name in self._listeners}
+            node = _Node(i, port, free_port(), self.workdir / f"node-{i}", extra)
             node.dir.mkdir(parents=True, exist_ok=True)
             self._nodes[i] = node
         for node in self._nodes.values():
@@ -256,6 +307,7 @@ class KafkaCluster:
                             "port": n.port,
                             "controller_port": n.controller_port,
                             "dir": str(n.dir),
+                            "extra_ports": n.extra_ports,
                         }
                         for n in self._nodes.values()
                     ],
@@ -271,11 +323,20 @@ class KafkaCluster:
             "process.roles": "broker,controller",
             "node.id": str(node.node_id),
             "controller.quorum.voters": voters,
-            "listeners": f"PLAINTEXT://{HOST}:{node.port},CONTROLLER://{HOST}:{node.controller_port}",
-            "advertised.listeners": f"PLAINTEXT://{HOST}:{node.port}",
+            "listeners": ",".join(
+                [f"PLAINTEXT://{HOST}:{node.port}", f"CONTROLLER://{HOST}:{node.controller_port}"]
+                + [f"{name}://{HOST}:{port}" for name, port in node.extra_ports.items()]
+            ),
+            "advertised.listeners": ",".join(
+                [f"PLAINTEXT://{HOST}:{node.port}"]
+                + [f"{name}://{HOST}:{port}" for name, port in node.extra_ports.items()]
+            ),
             "controller.listener.names": "CONTROLLER",
             "inter.broker.listener.name": "PLAINTEXT",
-            "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+            "listener.security.protocol.map": ",".join(
+                ["PLAINTEXT:PLAINTEXT", "CONTROLLER:PLAINTEXT"]
+                + [f"{name}:{protocol}" for name, protocol in self._listeners.items()]
+            ),
             "log.dirs": str(node.log_dir),
             "num.partitions": "1",
             "default.replication.factor": str(replicas),
