@@ -42,13 +42,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from recstream_tools.kafka import KafkaCluster  # noqa: E402
+from recstream_tools.postgres import LOCAL_ADMIN_URL, temporary_database  # noqa: E402
 from stream_worker.store import run_migrations  # noqa: E402
 from tests.integration import reliability_harness as rh  # noqa: E402
 from tests.integration.worker_harness import TinyModel, publish_tiny_model  # noqa: E402
 
 logger = logging.getLogger("chaos")
 
-DEFAULT_ADMIN_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
 
 COLUMNS = (
     ("scenario", lambda r: r.scenario),
@@ -98,7 +98,7 @@ class World:
         bootstrap: str | None = None,
     ) -> rh.Report:
         logger.info("scenario %s: starting", name)
-        with rh.temporary_database(self.args.admin_url) as db_url:
+        with temporary_database(self.args.admin_url) as db_url:
             run_migrations(db_url)
             with rh.Chaos(
                 bootstrap=bootstrap or self.broker.bootstrap_servers,
@@ -239,7 +239,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("scenario", choices=[*SCENARIOS, "all"])
     parser.add_argument(
         "--admin-url",
-        default=os.environ.get("RECSTREAM_TEST_PG_ADMIN_URL", DEFAULT_ADMIN_URL),
+        default=os.environ.get("RECSTREAM_TEST_PG_ADMIN_URL", LOCAL_ADMIN_URL),
         help="PostgreSQL URL allowed to create databases (one per scenario is made and dropped)",
     )
     parser.add_argument("--rate", type=float, default=200, help="events/s during faults")

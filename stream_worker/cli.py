@@ -418,15 +418,33 @@ def bench_e2e(
     rated_seconds: Annotated[
         float, typer.Option(min=1, help="Length of each throttled replay.")
     ] = 20.0,
+    broker: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="kafka (one Apache Kafka node started here) and/or tansu (the demo's "
+            "embedded broker); repeat to run both side by side. Default: kafka."
+        ),
+    ] = None,
+    state: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="sqlite (a fresh file per load) and/or postgres (a fresh database per "
+            "load on --pg-admin-url's server); repeat for both. Default: sqlite."
+        ),
+    ] = None,
     bootstrap: Annotated[
-        str | None, typer.Option(help="Use this broker instead of starting a local one.")
+        str | None, typer.Option(help="Use this broker instead of starting one.")
     ] = None,
     broker_pid: Annotated[
         int | None,
         typer.Option(help="Process id of the --bootstrap broker, to report its CPU."),
     ] = None,
     database_url: Annotated[
-        str | None, typer.Option(help="State database (default: a fresh SQLite file per load).")
+        str | None, typer.Option(help="One state database for every load, instead of --state.")
+    ] = None,
+    pg_admin_url: Annotated[
+        str | None,
+        typer.Option(help="PostgreSQL server for --state postgres (default: 127.0.0.1:5432)."),
     ] = None,
     index_factory: Annotated[
         str, typer.Option(help="FAISS factory of the benchmark model's index.")
@@ -452,9 +470,12 @@ def bench_e2e(
         events=events,
         rates=_floats(rates, "--rates"),
         out_dir=out,
+        brokers=broker or ["kafka"],
+        states=state or ["sqlite"],
         bootstrap=bootstrap,
         broker_pid=broker_pid,
         database_url=database_url,
+        pg_admin_url=pg_admin_url,
         rated_seconds=rated_seconds,
         index_factory=index_factory,
         load_nice=load_nice,

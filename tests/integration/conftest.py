@@ -1,8 +1,9 @@
 """Fixtures for the integration tier: a throw-away PostgreSQL database per test session.
 
 The server is the one named by ``RECSTREAM_TEST_PG_ADMIN_URL`` (default: the development
-server at 127.0.0.1:5432, trust auth, database ``test``). Without a reachable server the
-PostgreSQL cases are skipped, except under CI (``CI`` set), where they fail.
+server at 127.0.0.1:5432, trust auth, database ``test``, which ``scripts/postgres start``
+installs and starts). Without a reachable server the PostgreSQL cases fail, saying how
+to start one: a missing part never turns into a skip.
 """
 
 from __future__ import annotations
@@ -17,12 +18,10 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.pool import NullPool
 
+from recstream_tools.postgres import LOCAL_ADMIN_URL, temporary_database
 from stream_worker.store import redacted
-from tests.integration.reliability_harness import temporary_database
 
-PG_ADMIN_URL = os.environ.get(
-    "RECSTREAM_TEST_PG_ADMIN_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
-)
+PG_ADMIN_URL = os.environ.get("RECSTREAM_TEST_PG_ADMIN_URL", LOCAL_ADMIN_URL)
 
 
 @pytest.fixture(scope="session")
@@ -41,12 +40,9 @@ def pg_url() -> Iterator[str]:
         reason = (
             f"PostgreSQL is not reachable at {redacted(PG_ADMIN_URL)} "
             f"({' '.join(str(exc.orig).split())}); start it with "
-            "`pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start` "
-            "or point RECSTREAM_TEST_PG_ADMIN_URL at a server"
+            "`scripts/postgres start` or point RECSTREAM_TEST_PG_ADMIN_URL at a server"
         )
-        if os.environ.get("CI"):
-            pytest.fail(reason)
-        pytest.skip(reason)
+        pytest.fail(reason)
     finally:
         admin.dispose()
     with temporary_database(PG_ADMIN_URL) as url:

@@ -29,7 +29,7 @@ import time
 import urllib.request
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,7 +37,7 @@ from typing import Any
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.errors import KafkaError
 from sqlalchemy import create_engine, select, text
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.pool import NullPool
 
@@ -572,27 +572,6 @@ def wait_for_database(url: str, timeout: float = 60) -> None:
                 time.sleep(0.3)
     finally:
         engine.dispose()
-
-
-@contextlib.contextmanager
-def temporary_database(admin_url: str) -> Iterator[str]:
-    """A new, empty PostgreSQL database (URL), dropped afterwards."""
-    admin = create_engine(
-        admin_url,
-        isolation_level="AUTOCOMMIT",  # CREATE/DROP DATABASE cannot run in a transaction
-        poolclass=NullPool,
-        connect_args={"connect_timeout": 5},
-    )
-    name = f"recstream_test_{uuid.uuid4().hex[:12]}"
-    try:
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
-        yield make_url(admin_url).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            # FORCE: a leaked pooled connection must not leak the database.
-            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.dispose()
 
 
 # ------------------------------------------------------------------------------ scenarios

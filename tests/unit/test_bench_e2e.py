@@ -12,7 +12,6 @@ import numpy as np
 from recstream_tools.bench.e2e import (
     BareResult,
     CpuSampler,
-    LoadResult,
     cores_per_interval,
     event_latencies,
     first_and_last_third,
@@ -21,6 +20,7 @@ from recstream_tools.bench.e2e import (
     format_loads,
     format_stages,
     full_gc_pauses,
+    log_time_ms,
     proc_cpu_seconds,
     stage_means,
     summarise,
@@ -57,17 +57,20 @@ def test_stage_means_read_the_workers_own_metrics() -> None:
 def test_summary_and_tables() -> None:
     latencies = np.array([5.0, 10.0, 15.0, np.nan])
     to_publish = latencies - 2.0
-    result = summarise("taobao", 2000, latencies, 0.0, 1500.0, to_publish)
+    published = np.array([700.0, 1500.0])
+    result = summarise("taobao", 2000, latencies, to_publish, 0.0, published)
     assert (result.events, result.answered, result.events_per_s) == (4, 3, 2.0)
+    assert (result.outputs, result.outputs_per_s) == (2, 1.3)
     assert result.p50_ms == 10.0
     assert (result.publish_p50_ms, result.publish_p99_ms) == (8.0, 12.9)
     result.stage_ms = {"db": 1.0, "encode": 3.0}
     result.sent_per_s = 1990.0  # the producer fell a little behind the offered load
-    loads = format_loads([result], [BareResult("bare aiokafka loop (taobao)", 10, 1.0, 10.0)])
-    assert "| taobao | 2,000 | 1,990 | 3/4 | 2 | 20% |" in loads
+    bare = BareResult("bare aiokafka loop (kafka, taobao)", 10, 1.0, 10.0, "kafka", "taobao")
+    loads = format_loads([result], [bare])
+    assert "| kafka, sqlite | taobao | 2,000 | 1,990 | 3/4 | 2 | 1 | 20% |" in loads
+    assert "Above the bare loop" not in loads
     assert "| 8.0 / 12.9 |" in loads
     assert "75%" in format_stages([result])  # encode's share of the batch time
-    assert isinstance(result, LoadResult)
 
 
 def test_cpu_seconds_are_read_past_a_command_name_with_spaces_and_parentheses() -> None:
@@ -75,25 +78,70 @@ def test_cpu_seconds_are_read_past_a_command_name_with_spaces_and_parentheses() 
     assert proc_cpu_seconds(stat, 100.0) == 3.0  # (250 + 50) ticks at 100 per second
 
 
+def test_a_burst_of_equal_receive_times_does_not_inflate_the_rate() -> None:
+    """The collector may read every answer of a preloaded replay in one poll: the rate
+    comes from the worker's time (its assignment to its last publish), not from the
+    receive times, whose span is then zero."""
+    events = 40_000
+    sent = np.zeros(events)  # preloaded before the worker joined
+    users = [f"u{i % 500}" for i in range(events)]
+    burst = 9_000.0  # every answer received in the same millisecond
+    answered = list(range(events - 500, events))  # each user's last event
+    latencies = event_latencies(users, sent, [(i, burst) for i in answered])
+    published = np.linspace(2_000.0, 8_000.0, len(answered))  # 6 s of publishing
+    to_publish = event_latencies(users, sent, list(zip(answered, published, strict=True)))
+    result = summarise("ml-1m", 0, latencies, to_publish, 1_000.0, published)
+    assert result.answered == events
+    assert result.seconds == 7.0  # assignment at 1 s -> last publish at 8 s
+    assert result.events_per_s == round(events / 7.0, 1)
+    assert result.outputs_per_s == round(500 / 7.0, 1)
+
+
+def test_a_ratio_above_the_bare_loop_is_explained_with_outputs_per_second() -> None:
+    result = summarise("ml-1m", 0, np.ones(300), np.ones(300), 0.0, np.array([100.0, 1000.0]))
+    bare = BareResult("bare aiokafka loop (kafka, ml-1m)", 200, 1.0, 200.0, "kafka", "ml-1m")
+    loads = format_loads([result], [bare])
+    assert "| 300 | 2 | 150% |" in loads
+    assert "Above the bare loop (kafka, sqlite, ml-1m, unthrottled)" in loads
+    assert "2 outputs/s for 300 events/s" in loads
+
+
+def test_the_start_of_the_workers_window_is_its_log_lines_time() -> None:
+    log = (
+        "2026-12-06 09:05:33,249 INFO stream_worker.service: worker ready\n"
+        '2026-12-06 09:05:34,512 INFO stream_worker.app: partitions assigned: ["e/0"]\n'
+    )
+    first = log_time_ms(log, "worker ready")
+    assigned = log_time_ms(log, "partitions assigned")
+    assert first is not None and assigned is not None
+    assert assigned - first == 1263.0
+    assert log_time_ms(log, "never logged") is None
+
+
 def test_cpu_table_sums_the_processes() -> None:
-    result = summarise("ml-1m", 0, np.array([1.0]), 0.0, 1.0, np.array([1.0]))
+    result = summarise("ml-1m", 0, np.array([1.0]), np.array([1.0]), 0.0, np.array([1.0]))
     result.cpu_cores = {"worker": 0.9, "broker": 0.4, "producer": 0.0, "collector": 0.2}
     result.full_gcs, result.full_gc_ms = 2, 301.0
     table = format_cpu([result])
-    assert "| ml-1m | unthrottled | 0.90 | 0.40 | 0.00 | 0.20 | 1.50 | 2 (301) |" in table
+    assert (
+        "| kafka, sqlite | ml-1m | unthrottled | 0.90 | 0.40 | 0.00 | 0.20 | 1.50 | 2 (301) |"
+        in table
+    )
 
 
 def test_drift_compares_the_first_and_last_third_of_throttled_replays() -> None:
     to_publish = np.array([10.0, 10.0, 20.0, 20.0, 90.0, np.nan])
-    result = summarise("taobao", 2000, to_publish + 5, 0.0, 1.0, to_publish)
+    result = summarise("taobao", 2000, to_publish + 5, to_publish, 0.0, np.array([1.0]))
     assert result.publish_p99_by_third == [10.0, 20.0, 90.0]
     result.cpu_timeline = {
         "worker": [0.7, 0.7, 0.7, 0.7, 0.7, 0.7],
         "broker": [0.2, 0.3, 0.4, 0.5, 0.6, 0.7],
     }
-    unthrottled = summarise("taobao", 0, to_publish, 0.0, 1.0, to_publish)
+    unthrottled = summarise("taobao", 0, to_publish, to_publish, 0.0, np.array([1.0]))
     table = format_drift([result, unthrottled])
-    assert "| taobao | 2,000 | 0.70 -> 0.70 | 0.25 -> 0.65 | 10.0 -> 90.0 |" in table
+    assert (
+        "| kafka, sqlite | taobao | 2,000 | 0.70 -> 0.70 | 0.25 -> 0.65 | 10.0 -> 90.0 |" in table
+    )
     assert "unthrottled" not in table  # its latency is queueing, not a figure of merit
 
 

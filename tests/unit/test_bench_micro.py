@@ -1,6 +1,7 @@
 """Encoder and index micro-benchmarks: structure and sanity of quick runs, never timings."""
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -93,7 +94,7 @@ def test_index_quick_run_recall_against_exact(
     assert (flat.nprobe, flat.ef_search) == (None, None)
     for r in results:
         assert (r.dim, r.k, r.device) == (64, 10, "cpu")
-        assert r.build_s >= 0
+        assert r.build_s > 0
         assert 0 < r.single_median_ms <= r.single_p99_ms
         assert r.batch_qps > 0
     assert len(table_rows(table)) == len(results)
@@ -147,9 +148,16 @@ def test_clustered_vectors_are_unit_norm_float32() -> None:
 
 def test_interleaved_medians_time_each_call_in_turn_after_the_warm_up() -> None:
     order: list[str] = []
+
+    def slow() -> None:
+        order.append("slow")
+        time.sleep(0.005)  # wall time, no CPU
+
     medians = interleaved_medians(
-        {"a": lambda: order.append("a"), "b": lambda: order.append("b")}, repeats=3, warmup=2
+        {"fast": lambda: order.append("fast"), "slow": slow}, repeats=3, warmup=2
     )
-    assert order == ["a", "b"] * 5
-    assert set(medians) == {"a", "b"}
-    assert all(wall >= 0 and cpu >= 0 for wall, cpu in medians.values())
+    assert order == ["fast", "slow"] * 5
+    assert set(medians) == {"fast", "slow"}
+    (fast_wall, _), (slow_wall, slow_cpu) = medians["fast"], medians["slow"]
+    assert fast_wall < 4.0 <= slow_wall  # ms: each call timed on its own
+    assert slow_cpu < slow_wall  # a sleep is wall time, not CPU

@@ -234,13 +234,20 @@ class KafkaCluster:
     def node_ids(self) -> list[int]:
         return sorted(self._nodes)
 
-    def pid(self, node_id: int) -> int | None:
+    def pid_of(self, node_id: int) -> int | None:
         node = self._nodes[node_id]
         return node.proc.pid if node.running and node.proc is not None else None
 
     @property
+    def pid(self) -> int | None:
+        """The process id of a one-node cluster's only node (None: not running)."""
+        if self.nodes != 1:
+            raise BrokerError(f"A cluster of {self.nodes} nodes has no single pid: use pids.")
+        return self.pid_of(1)
+
+    @property
     def pids(self) -> list[int]:
-        return [p for p in (self.pid(n) for n in self.node_ids) if p is not None]
+        return [p for p in (self.pid_of(n) for n in self.node_ids) if p is not None]
 
     def server_log(self, node_id: int) -> Path:
         return self._nodes[node_id].server_log
