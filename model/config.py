@@ -18,9 +18,9 @@ class TrainConfig(BaseModel):
 
     max_len: int = Field(200, ge=2, le=4096, description="Longest item sequence the model sees.")
     dim: int = Field(64, ge=4, le=4096, description="Embedding and hidden size.")
-    blocks: int = Field(2, ge=1, le=24)
-    heads: int = Field(1, ge=1, le=64)
-    dropout: float = Field(0.2, ge=0.0, lt=1.0)
+    blocks: int = Field(2, ge=1, le=24, description="Transformer blocks.")
+    heads: int = Field(1, ge=1, le=64, description="Attention heads (dividing dim).")
+    dropout: float = Field(0.2, ge=0.0, lt=1.0, description="Dropout in training.")
     block: BlockStyle = Field(
         "pre-norm",
         description="pre-norm, or sasrec: the SASRec paper's block (normed queries carry "
@@ -31,14 +31,16 @@ class TrainConfig(BaseModel):
         description="Training rows per user: newest, the newest max_len + 1 items (as "
         "SASRec); all, every item, the older ones in windows of max_len + 1.",
     )
-    loss: Literal["ce", "sampled-ce"] = "ce"
+    loss: Literal["ce", "sampled-ce"] = Field(
+        "ce", description="Full softmax cross-entropy, or sampled softmax over negatives."
+    )
     negatives: int = Field(
         256, ge=1, description="Sampled negatives per position when loss is sampled-ce."
     )
-    epochs: int = Field(200, ge=1)
-    batch_size: int = Field(128, ge=1)
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
+    epochs: int = Field(200, ge=1, description="Most epochs (early stopping ends sooner).")
+    batch_size: int = Field(128, ge=1, description="Training sequences per step.")
+    lr: float = Field(1e-3, gt=0, description="AdamW learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     lr_schedule: Literal["constant", "cosine"] = Field(
         "constant", description="cosine decays lr to 0 over `epochs` (anneals the last steps)."
     )
@@ -46,7 +48,7 @@ class TrainConfig(BaseModel):
         10, ge=1, description="Epochs without a better validation NDCG@10 before stopping."
     )
     eval_every: int = Field(1, ge=1, description="Validate every N epochs.")
-    seed: int = 42
+    seed: int = Field(42, description="Random seed of initialisation, shuffling and dropout.")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
     threads: int = Field(0, ge=0, description="torch intra-op threads; 0 keeps torch's default.")
 

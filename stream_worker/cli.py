@@ -277,6 +277,14 @@ def rollback(
     typer.echo(json.dumps({"current": to, "previous": previous}))
 
 
+@app.command("settings")
+def settings_command() -> None:
+    """Print every RECSTREAM_* variable with its default and meaning (a Markdown table)."""
+    from stream_worker.settings import settings_table
+
+    typer.echo(settings_table())
+
+
 @app.command()
 def worker() -> None:
     """Run the streaming worker until SIGINT/SIGTERM (settings from RECSTREAM_* variables)."""

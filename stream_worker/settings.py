@@ -4,8 +4,9 @@ Built once at the entry point (``Settings()`` reads ``RECSTREAM_*`` variables, n
 with ``__``) and passed inward. Secrets are ``SecretStr`` so they never reach logs.
 """
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, get_args, get_origin
 
 from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -14,16 +15,28 @@ from model.config import IndexConfig, TrainConfig
 
 
 class KafkaSettings(BaseModel):
-    bootstrap_servers: str = "localhost:9092"
-    client_id: str = "recstream"
-    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
-    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
-    sasl_username: str | None = None
-    sasl_password: SecretStr | None = None
-    ssl_cafile: Path | None = None
-    ssl_certfile: Path | None = None
-    ssl_keyfile: Path | None = None
-    ssl_password: SecretStr | None = None
+    bootstrap_servers: str = Field(
+        "localhost:9092", description="Kafka bootstrap servers, comma-separated host:port."
+    )
+    client_id: str = Field("recstream", description="Client id the broker sees (logs, quotas).")
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT", description="How clients connect to the brokers."
+    )
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = Field(
+        None, description="SASL mechanism (the SASL protocols need it)."
+    )
+    sasl_username: str | None = Field(None, description="SASL user.")
+    sasl_password: SecretStr | None = Field(None, description="SASL password (never logged).")
+    ssl_cafile: Path | None = Field(
+        None, description="CA certificates (PEM) to verify the brokers; unset: the system's."
+    )
+    ssl_certfile: Path | None = Field(None, description="Client certificate (PEM), mutual TLS.")
+    ssl_keyfile: Path | None = Field(
+        None, description="Client certificate's key (PEM); unset: inside the certificate file."
+    )
+    ssl_password: SecretStr | None = Field(
+        None, description="Password of an encrypted client key (never logged)."
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> "KafkaSettings":
@@ -67,15 +80,20 @@ class KafkaSettings(BaseModel):
 
 class DatabaseSettings(BaseModel):
     # SecretStr: a PostgreSQL URL usually carries a password.
-    url: SecretStr = SecretStr("sqlite:///var/recstream.db")
-    pool_size: int = Field(5, ge=1)
-    echo: bool = False
+    url: SecretStr = Field(
+        SecretStr("sqlite:///var/recstream.db"),
+        description="SQLAlchemy URL of the state database (never logged).",
+    )
+    pool_size: int = Field(5, ge=1, description="Pooled connections (PostgreSQL).")
+    echo: bool = Field(False, description="Log every SQL statement (debugging).")
 
 
 class TopicSettings(BaseModel):
-    events: str = "clickstream"
-    recommendations: str = "recommendations"
-    dead_letter: str = "clickstream.dlq"
+    events: str = Field("clickstream", description="Input topic of click events.")
+    recommendations: str = Field("recommendations", description="Output topic.")
+    dead_letter: str = Field(
+        "clickstream.dlq", description="Records that are not valid events, with the reason."
+    )
     partitions: int = Field(4, ge=1, description="Partitions when recstream creates a topic.")
     replication_factor: int | None = Field(
         None,
@@ -86,7 +104,7 @@ class TopicSettings(BaseModel):
 
 
 class ArtifactSettings(BaseModel):
-    root: Path = Path("artifacts")
+    root: Path = Field(Path("artifacts"), description="Artifact root holding CURRENT.")
     poll_interval_s: float = Field(5.0, gt=0, description="How often workers check CURRENT.")
 
 
@@ -111,7 +129,7 @@ class RetrainSettings(BaseModel):
 
 
 class WorkerSettings(BaseModel):
-    group_id: str = "recstream"
+    group_id: str = Field("recstream", description="Consumer group (and faust app id).")
     batch_size: int = Field(
         4096,
         ge=1,
@@ -126,7 +144,7 @@ class WorkerSettings(BaseModel):
         description="Most seconds between offset commits under load (also on idle, "
         "rebalance and stop); offsets stored with the state make a late commit harmless.",
     )
-    top_k: int = Field(10, ge=1, le=1000)
+    top_k: int = Field(10, ge=1, le=1000, description="Items per recommendation.")
     history_length: int = Field(
         200,
         ge=1,
@@ -136,7 +154,7 @@ class WorkerSettings(BaseModel):
     emit_per_event: bool = Field(
         False, description="One recommendation per event instead of one per user and batch."
     )
-    max_id_length: int = Field(128, ge=1)
+    max_id_length: int = Field(128, ge=1, description="Longest accepted id, in characters.")
     ts_past_window_s: int = Field(
         365 * 24 * 3600, ge=0, description="Oldest accepted event age, seconds."
     )
@@ -179,7 +197,7 @@ class WorkerSettings(BaseModel):
         "collector's sight: a full collection then scans only what batches allocate.",
     )
     web_port: int = Field(6066, ge=0, le=65535, description="Health and metrics HTTP port.")
-    data_dir: Path = Path("var/worker")
+    data_dir: Path = Field(Path("var/worker"), description="faust's working directory.")
 
 
 class Settings(BaseSettings):
@@ -196,11 +214,69 @@ class Settings(BaseSettings):
     artifacts: ArtifactSettings = ArtifactSettings()
     worker: WorkerSettings = WorkerSettings()
     retrain: RetrainSettings = RetrainSettings()
-    train: TrainConfig = TrainConfig()
+    train: TrainConfig = TrainConfig()  # model/config.py
     index: IndexConfig = IndexConfig()
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="Logging level."
+    )
 
     @field_validator("log_level", mode="before")
     @classmethod
     def _upper(cls, value: object) -> object:
         return value.upper() if isinstance(value, str) else value
+
+
+@dataclass(frozen=True)
+class SettingDoc:
+    """One environment variable of :class:`Settings`, for the reference table."""
+
+    variable: str
+    default: str
+    meaning: str
+
+
+def _shown(value: Any) -> str:
+    if value is None:
+        return "unset"
+    if isinstance(value, SecretStr):
+        value = value.get_secret_value()  # a default, never a configured secret
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def _choices(annotation: Any) -> list[str]:
+    if get_origin(annotation) is Literal:
+        return [str(a) for a in get_args(annotation)]
+    return [c for arg in get_args(annotation) for c in _choices(arg)]
+
+
+def settings_reference(
+    model: type[BaseModel] = Settings, prefix: str = "RECSTREAM_"
+) -> list[SettingDoc]:
+    """Every variable the settings read, in declaration order, with its default and
+    description: the source of the README's configuration table (``recstream settings``)."""
+    rows: list[SettingDoc] = []
+    for name, info in model.model_fields.items():
+        annotation = info.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            rows += settings_reference(annotation, f"{prefix}{name.upper()}__")
+            continue
+        meaning = (info.description or "").strip()
+        choices = _choices(annotation)
+        if choices:
+            meaning += f" One of: {', '.join(choices)}."
+        rows.append(SettingDoc(f"{prefix}{name.upper()}", _shown(info.default), meaning))
+    return rows
+
+
+def settings_table() -> str:
+    """The reference as a Markdown table."""
+    lines = ["| variable | default | meaning |", "|---|---|---|"]
+    for row in settings_reference():
+        meaning = row.meaning.replace("|", "\\|")
+        default = "unset" if row.default == "unset" else f"`{row.default}`"
+        lines.append(f"| `{row.variable}` | {default} | {meaning} |")
+    return "\n".join(lines)
