@@ -50,7 +50,9 @@ def test_cache_replaces_a_users_entry_and_skips_one_larger_than_the_budget() -> 
     cache.put("a", small)
     cache.put("a", entry([1, 2]))
     assert cache.bytes == entry([1, 2]).nbytes and len(cache) == 1
-    cache.put("b", entry(list(range(50))))
+    big = entry(list(range(500)))
+    assert big.nbytes > cache.max_bytes
+    cache.put("b", big)
     assert cache.get("b") is None and cache.get("a") is not None
     cache.drop("a")
     cache.drop("never-cached")
