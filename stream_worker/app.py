@@ -1,7 +1,7 @@
 """The faust application: lifecycle, health and metrics, and a batch consumer.
 
-faust runs the worker (signals, service start and stop, the web server for ``/health``
-and ``/metrics``). Events are read by :class:`BatchConsumer`, a faust service around an
+faust runs the worker (signals, service start and stop, the web server for ``/live``,
+``/ready`` and ``/metrics``). Events are read by :class:`BatchConsumer`, a faust service around an
 aiokafka group consumer and producer: it fetches whole micro-batches with ``getmany``,
 runs the blocking batch work (database, encoder, FAISS) on one dedicated thread so the
 event loop keeps heartbeating and per-partition order is kept, and publishes dead
@@ -16,6 +16,7 @@ worker below its throughput target; ``recstream bench e2e`` measures both side b
 """
 
 import asyncio
+import contextlib
 import functools
 import json
 import logging
@@ -41,7 +42,6 @@ from stream_worker.metrics import WorkerMetrics
 from stream_worker.pipeline import BatchProcessor, RawRecord
 from stream_worker.recommender import Recommender, VersionWatcher
 from stream_worker.settings import Settings
-from stream_worker.store import stored_offsets
 
 logger = logging.getLogger(__name__)
 
@@ -98,17 +98,10 @@ class _Rebalance(aiokafka.ConsumerRebalanceListener):  # type: ignore[misc]  # u
         self.owner = owner
 
     async def on_partitions_revoked(self, revoked: Iterable[Any]) -> None:
-        # The batch in flight finishes, and everything processed is acknowledged and
-        # committed before the partitions move (the database skips any overlap).
-        async with self.owner.in_flight:
-            if self.owner.consumer is not None:
-                await self.owner._commit(self.owner.consumer)
+        await self.owner.partitions_revoked(list(revoked))
 
     async def on_partitions_assigned(self, assigned: Iterable[Any]) -> None:
-        assigned = list(assigned)
-        await self.owner.resume_from_database(assigned)
-        partitions = sorted(f"{tp.topic}/{tp.partition}" for tp in assigned)
-        logger.info("partitions assigned: %s", json.dumps(partitions))
+        await self.owner.partitions_assigned(list(assigned))
 
 
 class BatchConsumer(mode.Service):
@@ -137,6 +130,10 @@ class BatchConsumer(mode.Service):
         self._to_commit: dict[Any, int] = {}
         self._last_commit = time.monotonic()
         self._committing: asyncio.Future[None] | None = None
+        # In the consumer group: set once a rebalance assigned this member its share
+        # (possibly none), cleared while one is under way and at stop.
+        self.in_group = False
+        self._next_offset: dict[Any, int] = {}  # next offset to process, per partition
 
     async def on_start(self) -> None:
         kafka, worker = self.settings.kafka, self.settings.worker
@@ -169,6 +166,37 @@ class BatchConsumer(mode.Service):
         await self.producer.start()
         await self.consumer.start()
 
+    async def partitions_revoked(self, revoked: list[Any]) -> None:
+        """The batch in flight finishes, and everything processed is acknowledged and
+        committed before the partitions move (the database skips any overlap)."""
+        self.in_group = False
+        async with self.in_flight:
+            if self.consumer is not None:
+                await self.commit_now(self.consumer)
+        for tp in revoked:
+            self._next_offset.pop(tp, None)
+            with contextlib.suppress(KeyError):
+                self.metrics.consumer_lag.remove(str(tp.partition))
+
+    async def partitions_assigned(self, assigned: list[Any]) -> None:
+        await self.resume_from_database(assigned)
+        if self.consumer is not None:
+            for tp in assigned:
+                self._next_offset[tp] = await self.consumer.position(tp)
+        self.in_group = True
+        partitions = sorted(f"{tp.topic}/{tp.partition}" for tp in assigned)
+        logger.info("partitions assigned: %s", json.dumps(partitions))
+
+    def update_lag(self) -> None:
+        """``recstream_consumer_lag`` of each assigned partition, from the high watermark
+        the last fetch reported."""
+        if self.consumer is None:
+            return
+        for tp, next_offset in self._next_offset.items():
+            high = self.consumer.highwater(tp)
+            if high is not None:
+                self.metrics.consumer_lag.labels(str(tp.partition)).set(max(0, high - next_offset))
+
     async def resume_from_database(self, assigned: list[Any]) -> None:
         """Re-read from the database's offset where it is behind the committed one.
 
@@ -181,11 +209,8 @@ class BatchConsumer(mode.Service):
         if not assigned or self.consumer is None:
             return
         loop = asyncio.get_running_loop()
-        topic = self.settings.topics.events
         try:
-            stored = await loop.run_in_executor(
-                self.executor, stored_offsets, self.processor.engine, topic
-            )
+            stored = await loop.run_in_executor(self.executor, self.processor.stored_offsets)
         except RecstreamError as exc:
             logger.warning("could not read stored offsets (%s); using committed offsets", exc)
             return
@@ -202,9 +227,10 @@ class BatchConsumer(mode.Service):
 
     async def on_stop(self) -> None:
         # Let the batch in flight publish and commit, then leave the group.
+        self.in_group = False
         async with self.in_flight:
             if self.consumer is not None:
-                await self._commit(self.consumer)
+                await self.commit_now(self.consumer)
                 await self.consumer.stop()
                 self.consumer = None
             if self.producer is not None:
@@ -226,6 +252,7 @@ class BatchConsumer(mode.Service):
                     return
                 if fetched:
                     await self._handle(fetched)
+                self.update_lag()
                 due = time.monotonic() - self._last_commit >= worker.commit_interval_s
                 if self._to_commit and (due or not fetched):
                     self._commit_in_background(consumer)
@@ -250,7 +277,9 @@ class BatchConsumer(mode.Service):
         # is processed while the broker replicates this one's outputs.
         self._unacked += await self._send(topics.dead_letter, output.dead_letters)
         self._unacked += await self._send(topics.recommendations, output.recommendations)
-        self._to_commit.update({tp: messages[-1].offset + 1 for tp, messages in fetched.items()})
+        done = {tp: messages[-1].offset + 1 for tp, messages in fetched.items()}
+        self._to_commit.update(done)
+        self._next_offset.update(done)
         self.metrics.stage_ms.labels("publish").observe((time.perf_counter() - started) * 1000)
         self.metrics.last_batch_ts.set_to_current_time()
         self.batches += 1
@@ -269,7 +298,7 @@ class BatchConsumer(mode.Service):
             logger.exception("publishing failed; stopping without committing")
             await self.crash(exc)
 
-    async def _commit(self, consumer: aiokafka.AIOKafkaConsumer) -> None:
+    async def commit_now(self, consumer: aiokafka.AIOKafkaConsumer) -> None:
         """Commit now (rebalance, stop), after any commit under way: commits stay in order."""
         if self._committing is not None and not self._committing.done():
             await asyncio.shield(self._committing)
@@ -347,12 +376,14 @@ def limit_cpu_threads(threads: int) -> None:
 
 
 def create_app(settings: Settings, engine: Engine) -> WorkerContext:
-    """Build the faust app, its batch consumer, health and metrics pages."""
+    """Build the faust app, its batch consumer, and its /live, /ready and /metrics."""
     metrics = WorkerMetrics()
 
     def on_swap(recommender: Recommender) -> None:
         metrics.swaps.inc()
-        metrics.set_version(recommender.model_version, recommender.index_version)
+        metrics.set_version(
+            recommender.model_version, recommender.index_version, recommender.published_at
+        )
 
     setup_thread = functools.partial(limit_cpu_threads, settings.worker.cpu_threads)
     watcher = VersionWatcher(
@@ -364,7 +395,7 @@ def create_app(settings: Settings, engine: Engine) -> WorkerContext:
         thread_setup=setup_thread,
     )
     active = watcher.active
-    metrics.set_version(active.model_version, active.index_version)
+    metrics.set_version(active.model_version, active.index_version, active.published_at)
     processor = BatchProcessor(settings, engine, watcher, metrics)
     # One thread: batches of this worker run strictly one after another, in order.
     executor = ThreadPoolExecutor(
@@ -385,22 +416,86 @@ def create_app(settings: Settings, engine: Engine) -> WorkerContext:
         web_in_thread=False,
     )
     ctx = WorkerContext(app, processor, watcher, metrics, executor, consumer)
+    probes = Probes(settings, processor, watcher, consumer, metrics)
 
-    @app.page("/health")
-    async def health(web: Any, request: Any) -> Any:
-        current = watcher.active
-        return web.json(
-            {
-                "status": "ok",
-                "model_version": current.model_version,
-                "index_version": current.index_version,
-                "batches": consumer.batches,
-                "records": consumer.records,
-            }
-        )
+    @app.page("/live")
+    async def live(web: Any, request: Any) -> Any:
+        body, ok = probes.liveness()
+        return web.json(body, status=200 if ok else 503)
+
+    @app.page("/ready")
+    async def ready(web: Any, request: Any) -> Any:
+        body, ok = await probes.readiness()
+        return web.json(body, status=200 if ok else 503)
 
     @app.page("/metrics")
     async def prometheus(web: Any, request: Any) -> Any:
+        await probes.readiness()  # recstream_ready, as of this scrape
         return web.bytes(metrics.exposition(), content_type="text/plain; version=0.0.4")
 
     return ctx
+
+
+class Probes:
+    """What ``/live`` and ``/ready`` answer.
+
+    Live: the event loop answers (this runs on it) and no batch has gone longer than
+    ``WORKER__LIVENESS_BATCH_S`` without progress (a database retry is progress: an
+    outage makes the worker unready, not unlive). Ready: in the consumer group, the
+    state database answers, a verified version is loaded.
+    """
+
+    DATABASE_TIMEOUT_S = 5.0
+
+    def __init__(
+        self,
+        settings: Settings,
+        processor: BatchProcessor,
+        watcher: VersionWatcher,
+        consumer: BatchConsumer,
+        metrics: WorkerMetrics,
+    ) -> None:
+        self.settings = settings
+        self.processor = processor
+        self.watcher = watcher
+        self.consumer = consumer
+        self.metrics = metrics
+
+    def liveness(self) -> tuple[dict[str, Any], bool]:
+        stalled = self.processor.stalled_s()
+        limit = self.settings.worker.liveness_batch_s
+        if stalled > limit:
+            return {
+                "status": "wedged",
+                "detail": f"a batch has made no progress for {stalled:.0f}s (limit {limit:g}s)",
+            }, False
+        return {"status": "live", "batch_s": round(stalled, 3)}, True
+
+    async def readiness(self) -> tuple[dict[str, Any], bool]:
+        problems = []
+        if not self.consumer.in_group:
+            problems.append("not in its consumer group")
+        loop = asyncio.get_running_loop()
+        try:
+            # The default executor: the batch thread may be busy (or waiting on this
+            # very database) and must not hold the probe up.
+            database = await asyncio.wait_for(
+                loop.run_in_executor(None, self.processor.database_problem),
+                self.DATABASE_TIMEOUT_S,
+            )
+        except TimeoutError:
+            database = f"the database did not answer within {self.DATABASE_TIMEOUT_S:g}s"
+        if database:
+            problems.append(database)
+        current = self.watcher.active
+        body: dict[str, Any] = {
+            "status": "not ready" if problems else "ready",
+            "model_version": current.model_version,
+            "index_version": current.index_version,
+            "batches": self.consumer.batches,
+            "records": self.consumer.records,
+        }
+        if problems:
+            body["problems"] = problems
+        self.metrics.ready.set(0 if problems else 1)
+        return body, not problems

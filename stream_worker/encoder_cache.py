@@ -18,7 +18,6 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-
 # What an entry costs beyond its arrays' bytes: the tensor's and the array's objects,
 # the tuple, the entry, its key and the LRU's node. Measured: 2,511 bytes of RSS per
 # entry for 1,288 bytes of arrays (one item, dim 64, two blocks).

@@ -6,7 +6,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
+from prometheus_client.metrics import MetricWrapperBase
 
 # Milliseconds: encode and search take ~0.1-10 ms, end to end up to seconds under backlog.
 MS_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
@@ -82,9 +92,32 @@ class WorkerMetrics:
         self.last_batch_ts = Gauge(
             "recstream_last_batch_timestamp_seconds", "When the last batch finished.", registry=r
         )
+        self.consumer_lag = Gauge(
+            "recstream_consumer_lag",
+            "Records of an assigned events partition not yet processed: the partition's "
+            "high watermark minus the next offset to process.",
+            ["partition"],
+            registry=r,
+        )
+        self.version_age = Gauge(
+            "recstream_serving_version_age_seconds",
+            "Seconds since the serving model version was published (its manifest's created).",
+            registry=r,
+        )
+        self.ready = Gauge(
+            "recstream_ready",
+            "1 while the worker is ready (in its group, database answering, model loaded).",
+            registry=r,
+        )
+        # The standard process (CPU, memory, file descriptors) and platform collectors,
+        # on this registry: process_* and python_info.
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
 
-    def set_version(self, model_version: str, index_version: str) -> None:
+    def set_version(self, model_version: str, index_version: str, created: float) -> None:
+        """The serving versions, and when the model version was published (epoch s)."""
         self.version.info({"model_version": model_version, "index_version": index_version})
+        self.version_age.set_function(lambda: max(0.0, time.time() - created))
 
     def watch_gc(self) -> Callable[[], None]:
         """Record every garbage collection's pause from now on; returns the function
@@ -103,3 +136,25 @@ class WorkerMetrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def metrics_table() -> str:
+    """Every metric family a worker exposes, as the README's Markdown table."""
+    metrics = WorkerMetrics()
+    metrics.set_version("v", "v", time.time())  # an Info family shows its labels once set
+    labels: dict[str, set[str]] = {}
+    for metric in vars(metrics).values():
+        if isinstance(metric, MetricWrapperBase):
+            # The declared label names (prometheus_client keeps them only there).
+            labels[metric._name] = set(metric._labelnames)
+    for family in metrics.registry.collect():
+        names = labels.setdefault(family.name, set())
+        for sample in family.samples:
+            names.update(k for k in sample.labels if k not in {"le", "quantile"})
+    rows = ["| metric | type | labels | meaning |", "|---|---|---|---|"]
+    for family in metrics.registry.collect():
+        suffix = {"counter": "_total", "info": "_info"}.get(family.type, "")
+        shown = ", ".join(f"`{n}`" for n in sorted(labels[family.name])) or "-"
+        meaning = " ".join(family.documentation.split()).replace("|", "\\|")
+        rows.append(f"| `{family.name}{suffix}` | {family.type} | {shown} | {meaning} |")
+    return "\n".join(rows)

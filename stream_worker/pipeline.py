@@ -32,7 +32,13 @@ from stream_worker.events import (
 from stream_worker.metrics import WorkerMetrics
 from stream_worker.recommender import Recommender, StageTimes, VersionWatcher
 from stream_worker.settings import Settings
-from stream_worker.store import AppliedBatch, apply_batch, load_sequences
+from stream_worker.store import (
+    AppliedBatch,
+    apply_batch,
+    database_problem,
+    load_sequences,
+    stored_offsets,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +74,9 @@ class BatchProcessor:
         self.clock = clock
         self.limits = DecodeLimits.from_settings(settings.worker)
         self.topic = settings.topics.events
+        # Monotonic time of the batch in progress's last sign of life (its start, or a
+        # database retry); None between batches. Read by the liveness probe.
+        self.progress_at: float | None = None
         # An outage blocks the batch (and so the partition's offsets) until the
         # database is back: nothing is acknowledged that was not applied.
         self._apply = retry(
@@ -79,6 +88,7 @@ class BatchProcessor:
         )(apply_batch)
 
     def _before_retry(self, state: RetryCallState) -> None:
+        self.progress_at = time.monotonic()  # waiting for the database, not wedged
         self.metrics.db_retries.inc()
         exc = state.outcome.exception() if state.outcome else None
         logger.warning("database unavailable (attempt %d), retrying: %s", state.attempt_number, exc)
@@ -86,7 +96,27 @@ class BatchProcessor:
     def now_ms(self) -> int:
         return int(self.clock() * 1000)
 
+    def stored_offsets(self) -> dict[int, int]:
+        """The offsets stored with the state: partition -> last applied offset."""
+        return stored_offsets(self.engine, self.topic)
+
+    def database_problem(self) -> str | None:
+        """None when the state database answers; else why not (for readiness)."""
+        return database_problem(self.engine)
+
+    def stalled_s(self) -> float:
+        """Seconds the batch in progress has gone without progress (0 between batches)."""
+        started = self.progress_at
+        return 0.0 if started is None else time.monotonic() - started
+
     def process(self, records: Sequence[RawRecord]) -> BatchOutput:
+        self.progress_at = time.monotonic()
+        try:
+            return self._process(records)
+        finally:
+            self.progress_at = None
+
+    def _process(self, records: Sequence[RawRecord]) -> BatchOutput:
         out = BatchOutput()
         # One version per batch: a swap staged meanwhile applies to the next batch.
         recommender = self.watcher.current()

@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -147,6 +148,14 @@ class Recommender:
     @property
     def index_version(self) -> str:
         return self.loaded.index_version
+
+    @property
+    def published_at(self) -> float:
+        """When the model version was published (its manifest's ``created``), epoch s."""
+        created = self.loaded.manifest.get("created")
+        if not created:
+            return float("nan")
+        return datetime.fromisoformat(str(created)).timestamp()
 
     def warm_up(self) -> None:
         """Tiny queries so the first real batches do not pay for lazy initialisation

@@ -196,7 +196,16 @@ class WorkerSettings(BaseModel):
         description="Move what start-up loaded (libraries, model, index) out of the garbage "
         "collector's sight: a full collection then scans only what batches allocate.",
     )
-    web_port: int = Field(6066, ge=0, le=65535, description="Health and metrics HTTP port.")
+    web_port: int = Field(
+        6066, ge=0, le=65535, description="HTTP port of /live, /ready and /metrics."
+    )
+    liveness_batch_s: float = Field(
+        120.0,
+        gt=0,
+        description="Longest a batch may go without progress before /live fails (a "
+        "database retry counts as progress: an outage makes the worker unready, not "
+        "unlive); above the slowest batch you expect.",
+    )
     data_dir: Path = Field(Path("var/worker"), description="faust's working directory.")
 
 

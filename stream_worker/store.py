@@ -44,6 +44,7 @@ from sqlalchemy import (
     event,
     func,
     select,
+    text,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, Connection, make_url
@@ -656,6 +657,19 @@ def iter_sequences(engine: Engine, batch_size: int = 1000) -> Iterator[tuple[str
         if len(page) < batch_size:
             return
         after = page[-1][0]
+
+
+def database_problem(engine: Engine) -> str | None:
+    """None when the database answers a trivial query; else why not, one line, with the
+    URL's password masked (for readiness)."""
+    try:
+        with _transaction(engine) as conn:
+            conn.execute(text("SELECT 1"))
+    except StoreError as exc:
+        return str(exc)
+    except DBAPIError as exc:
+        return f"database {redacted(engine.url)}: {_reason(exc, engine.url)}"
+    return None
 
 
 def stored_offsets(engine: Engine, topic: str) -> dict[int, int]:

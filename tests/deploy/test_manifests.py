@@ -284,9 +284,10 @@ def test_the_worker_is_probed_secured_and_budgeted(each: Rendered) -> None:
     assert container["args"] == ["worker"]
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert ports == {"http": 6066}
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+    paths = {"startupProbe": "/ready", "readinessProbe": "/ready", "livenessProbe": "/live"}
+    for probe, path in paths.items():
         get = container[probe]["httpGet"]
-        assert get["path"] == "/health" and ports[get["port"]] == 6066
+        assert get["path"] == path and ports[get["port"]] == 6066
     assert {"cpu", "memory"} <= container["resources"]["requests"].keys()
     assert "memory" in container["resources"]["limits"]
     mounts = {m["mountPath"]: m for m in container["volumeMounts"]}

@@ -26,7 +26,6 @@ import statistics
 import subprocess
 import threading
 import time
-import urllib.request
 import uuid
 from collections import Counter
 from collections.abc import Callable
@@ -42,6 +41,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.pool import NullPool
 
 from recstream_tools.kafka import KafkaCluster
+from recstream_tools.probe import page
 from stream_worker.broker import ensure_topics
 from stream_worker.events import event_value
 from stream_worker.store import make_engine, stored_offsets, user_sequences
@@ -762,11 +762,11 @@ class Chaos:
         return [n for n, w in self.workers.items() if w.proc is not None and w.proc.poll() is None]
 
     def fetch_pages(self, name: str) -> None:
-        """Keep the worker's /metrics and /health, and count its database retries."""
+        """Keep the worker's /metrics, /ready and /live, and count its database retries."""
         port = self.workers[name].env["RECSTREAM_WORKER__WEB_PORT"]
-        for page in ("/metrics", "/health"):
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}{page}", timeout=10) as resp:
-                self.pages[f"{name} {page}"] = resp.read().decode()
+        for path in ("/metrics", "/ready", "/live"):
+            _, body = page(int(port), path)
+            self.pages[f"{name} {path}"] = body if isinstance(body, str) else json.dumps(body)
         for line in self.pages[f"{name} /metrics"].splitlines():
             if line.startswith("recstream_db_retries_total "):
                 self.report.db_retries += int(float(line.split()[1]))

@@ -12,10 +12,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from model.artifacts import rebuild_index
 from model.config import IndexConfig
 from recstream_tools.kafka import KafkaCluster
+from recstream_tools.probe import page
 from stream_worker.broker import ensure_topics
 from stream_worker.store import load_sequences, make_engine, run_migrations
 from tests.integration.worker_harness import (
@@ -148,11 +150,33 @@ def test_every_kind_of_bad_input_is_dead_lettered_and_the_worker_keeps_serving(
     assert "recstream_stage_ms_bucket" in metrics
 
 
-def test_health_endpoint_reports_versions(worker: WorkerProcess, tiny: TinyModel) -> None:
-    port = worker.env["RECSTREAM_WORKER__WEB_PORT"]
-    health = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5).read())
-    assert health["status"] == "ok"
-    assert health["model_version"] == tiny.version
+def test_probes_and_metrics_report_versions_lag_and_the_process(
+    worker: WorkerProcess, tiny: TinyModel
+) -> None:
+    port = int(worker.env["RECSTREAM_WORKER__WEB_PORT"])
+    code, ready = page(port, "/ready")
+    assert code == 200 and ready["status"] == "ready"
+    assert ready["model_version"] == tiny.version
+    code, live = page(port, "/live")
+    assert code == 200 and live["status"] == "live"
+    _, metrics = page(port, "/metrics")
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(metrics)
+        for s in family.samples
+    }
+    names = {name for name, _ in samples}
+    # Lag per assigned partition (the worker_env topics have 2), caught up by now.
+    lags = {dict(labels)["partition"]: v for (n, labels), v in samples.items()
+            if n == "recstream_consumer_lag"}  # fmt: skip
+    assert set(lags) == {"0", "1"} and all(v >= 0 for v in lags.values())
+    info = [dict(labels) for (n, labels) in samples if n == "recstream_serving_info"]
+    assert info == [{"model_version": tiny.version, "index_version": tiny.version}]
+    age = samples[("recstream_serving_version_age_seconds", ())]
+    assert 0 <= age < 24 * 3600  # published by this test session
+    assert samples[("recstream_ready", ())] == 1.0
+    # The standard process and platform collectors.
+    assert {"process_resident_memory_bytes", "process_cpu_seconds_total", "python_info"} <= names
 
 
 def test_worker_refuses_an_unmigrated_database(

@@ -27,7 +27,8 @@ from model.data import build_sequence_data
 from model.pipeline import train_and_publish
 from model.sasrec import SASRec
 from model.sequences import pad_left
-from recstream_tools.probe import free_port
+from recstream_tools.probe import free_port, wait_ready
+from stream_worker.errors import BrokerError
 from stream_worker.events import event_value
 from stream_worker.produce import generated_log
 
@@ -93,15 +94,13 @@ class WorkerProcess:
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
-        deadline = time.monotonic() + timeout
-        marker_count = self.log().count("partitions assigned")
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"worker exited {self.proc.returncode}:\n{self.log()[-3000:]}")
-            if self.log().count("partitions assigned") > marker_count:
-                return self
-            time.sleep(0.2)
-        raise AssertionError(f"worker did not join in {timeout}s:\n{self.log()[-3000:]}")
+        port = int(self.env["RECSTREAM_WORKER__WEB_PORT"])
+        proc = self.proc
+        try:
+            wait_ready(port, lambda: proc.poll() is None, timeout)
+        except BrokerError as exc:
+            raise AssertionError(f"{exc}:\n{self.log()[-3000:]}") from None
+        return self
 
     def stop(self, sig: int = signal.SIGTERM) -> int:
         assert self.proc is not None

@@ -1,5 +1,6 @@
-"""One source for every default: the README's configuration table is generated from
-``Settings`` (``recstream settings``), and must stay equal to it."""
+"""One source for every default and every metric: the README's configuration table is
+generated from ``Settings`` (``recstream settings``), its metrics table from the
+worker's registry, and both must stay equal to what they are generated from."""
 
 import re
 from pathlib import Path
@@ -8,22 +9,25 @@ import pytest
 from typer.testing import CliRunner
 
 from stream_worker.cli import app
+from stream_worker.metrics import metrics_table
 from stream_worker.settings import Settings, settings_reference, settings_table
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 
 
-def readme_table() -> str:
+def readme_table(name: str) -> str:
     text = README.read_text()
-    match = re.search(
-        r"<!-- settings-table:[^\n]*-->\n(.*?)\n<!-- settings-table: end -->", text, re.S
-    )
-    assert match is not None, "the README lost its settings-table markers"
+    match = re.search(rf"<!-- {name}:[^\n]*-->\n(.*?)\n<!-- {name}: end -->", text, re.S)
+    assert match is not None, f"the README lost its {name} markers"
     return match.group(1)
 
 
 def test_the_readme_table_is_the_generated_one() -> None:
-    assert readme_table() == settings_table(), "run: recstream settings, paste into README.md"
+    assert readme_table("settings-table") == settings_table(), "run scripts/regen_docs.py"
+
+
+def test_the_readme_lists_every_metric_the_worker_exposes() -> None:
+    assert readme_table("metrics-table") == metrics_table(), "run scripts/regen_docs.py"
 
 
 def test_every_setting_is_described_and_read_from_its_variable(

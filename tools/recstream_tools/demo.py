@@ -23,9 +23,9 @@ from kafka import KafkaConsumer, KafkaProducer
 from model.config import IndexConfig, TrainConfig
 from model.data import build_sequence_data, load_interactions
 from model.pipeline import load_training_data, train_and_publish
-from recstream_tools.probe import free_port
+from recstream_tools.probe import free_port, wait_ready
 from recstream_tools.tansu import LocalBroker
-from stream_worker.errors import WorkerError
+from stream_worker.errors import BrokerError, WorkerError
 from stream_worker.produce import (
     PlannedEvent,
     generate_clicks,
@@ -124,7 +124,7 @@ def run_demo(
             "RECSTREAM_KAFKA__BOOTSTRAP_SERVERS": broker.bootstrap_servers,
             "RECSTREAM_DATABASE__URL": db_url,
             "RECSTREAM_ARTIFACTS__ROOT": str(root),
-            "RECSTREAM_WORKER__WEB_PORT": str(free_port()),
+            "RECSTREAM_WORKER__WEB_PORT": str(port := free_port()),
             "RECSTREAM_WORKER__DATA_DIR": str(workdir / "worker"),
             # tansu has no InitProducerId: the worker's producer cannot be idempotent.
             "RECSTREAM_WORKER__IDEMPOTENT_PRODUCER": "false",
@@ -149,7 +149,7 @@ def run_demo(
             daemon=True,
         )
         try:
-            _wait_for_worker(worker, workdir / "worker.log")
+            _wait_for_worker(worker, port, workdir / "worker.log")
             consumer.start()
             plan: list[PlannedEvent] = (
                 plan_replay(load_interactions(data), limit=events)
@@ -184,18 +184,15 @@ def run_demo(
     return stats
 
 
-def _wait_for_worker(worker: subprocess.Popen[bytes], log_path: Path, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if worker.poll() is not None:
-            tail = log_path.read_text(errors="replace")[-2000:]
-            raise WorkerError(f"the worker exited with status {worker.returncode}:\n{tail}")
-        if "partitions assigned" in log_path.read_text(errors="replace"):
-            return
-        time.sleep(0.2)
-    raise WorkerError(
-        f"the worker did not join its consumer group in {timeout:.0f}s; see {log_path}"
-    )
+def _wait_for_worker(
+    worker: subprocess.Popen[bytes], port: int, log_path: Path, timeout: float = 120
+) -> None:
+    """Until the worker's /ready answers 200 (in its group, database up, model loaded)."""
+    try:
+        wait_ready(port, lambda: worker.poll() is None, timeout)
+    except BrokerError as exc:
+        tail = log_path.read_text(errors="replace")[-2000:]
+        raise WorkerError(f"{exc}; the end of {log_path}:\n{tail}") from None
 
 
 def _print_summary(sent: int, elapsed: float, stats: DemoStats) -> None:

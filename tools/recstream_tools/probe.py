@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import socket
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from typing import Any
 
 from kafka.errors import KafkaError
 
 from stream_worker.broker import admin_client
 from stream_worker.errors import BrokerError
 
-__all__ = ["HOST", "answers_as", "free_port", "tcp_accepts"]
+__all__ = ["HOST", "answers_as", "free_port", "page", "tcp_accepts", "wait_ready"]
 
 log = logging.getLogger(__name__)
 
@@ -66,3 +72,41 @@ def answers_as(bootstrap_servers: str, cluster_id: str, timeout_s: float) -> boo
             "stop it or pick another port."
         )
     return True
+
+
+def page(port: int, path: str, timeout_s: float = 10.0) -> tuple[int, Any]:
+    """GET ``http://127.0.0.1:<port><path>``: (status, body as JSON, or text)."""
+    url = f"http://{HOST}:{port}{path}"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as resp:
+            status, raw = resp.status, resp.read()
+    except urllib.error.HTTPError as exc:  # 503 and the like still carry a body
+        status, raw = exc.code, exc.read()
+    text = raw.decode(errors="replace")
+    try:
+        return status, json.loads(text)
+    except ValueError:
+        return status, text
+
+
+def wait_ready(port: int, alive: Callable[[], bool], timeout_s: float = 120.0) -> dict[str, Any]:
+    """Poll a worker's ``/ready`` until it answers 200; returns its body.
+
+    :raises BrokerError: the process died (``alive`` false) or the timeout passed; the
+        message quotes the last answer.
+    """
+    deadline = time.monotonic() + timeout_s
+    last: Any = "no answer yet"
+    while time.monotonic() < deadline:
+        if not alive():
+            raise BrokerError(f"the worker exited before it was ready (last /ready: {last})")
+        try:
+            status, body = page(port, "/ready", timeout_s=10.0)
+        except OSError as exc:  # not listening yet
+            last = str(exc)
+        else:
+            if status == 200 and isinstance(body, dict):
+                return body
+            last = body
+        time.sleep(0.2)
+    raise BrokerError(f"the worker was not ready within {timeout_s:g}s (last /ready: {last})")
