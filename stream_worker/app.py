@@ -378,6 +378,7 @@ def limit_cpu_threads(threads: int) -> None:
 def create_app(settings: Settings, engine: Engine) -> WorkerContext:
     """Build the faust app, its batch consumer, and its /live, /ready and /metrics."""
     metrics = WorkerMetrics()
+    metrics.version_max_age.set(settings.artifacts.max_age_s)
 
     def on_swap(recommender: Recommender) -> None:
         metrics.swaps.inc()

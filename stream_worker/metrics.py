@@ -104,6 +104,11 @@ class WorkerMetrics:
             "Seconds since the serving model version was published (its manifest's created).",
             registry=r,
         )
+        self.version_max_age = Gauge(
+            "recstream_serving_version_max_age_seconds",
+            "ARTIFACTS__MAX_AGE_S: the serving version's age past which it is stale.",
+            registry=r,
+        )
         self.ready = Gauge(
             "recstream_ready",
             "1 while the worker is ready (in its group, database answering, model loaded).",

@@ -106,6 +106,13 @@ class TopicSettings(BaseModel):
 class ArtifactSettings(BaseModel):
     root: Path = Field(Path("artifacts"), description="Artifact root holding CURRENT.")
     poll_interval_s: float = Field(5.0, gt=0, description="How often workers check CURRENT.")
+    max_age_s: float = Field(
+        2 * 24 * 3600.0,
+        gt=0,
+        description="Age of the serving model version past which it counts as stale: "
+        "exported as recstream_serving_version_max_age_seconds, which the "
+        "RecstreamServingVersionStale alert compares the version's age with.",
+    )
 
 
 class RetrainSettings(BaseModel):

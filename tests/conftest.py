@@ -3,11 +3,9 @@ unique topic names."""
 
 from __future__ import annotations
 
-import gc
 import logging
 import re
 import uuid
-import warnings
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -33,18 +31,6 @@ def kafka3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaCluster]:
     replication factor 3 with ``min.insync.replicas`` 2. Started on first use."""
     with KafkaCluster(tmp_path_factory.mktemp("kafka3"), nodes=3) as started:
         yield started
-
-
-@pytest.fixture
-def refused_connections_collected() -> Iterator[None]:
-    """For tests whose kafka-python clients meet a dead broker: kafka-python 3.0 leaves
-    the socket of a refused connection open (``kafka/net/inet.py`` raises without closing
-    it), in a reference cycle with the exception. Collected here, their ResourceWarnings
-    ignored, so that a later test's garbage collection does not report them."""
-    yield
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ResourceWarning)
-        gc.collect()
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ from tests.integration.reliability_harness import Chaos, broker_restart, leader_
 from tests.integration.test_reliability import SESSION_TIMEOUT_S, assert_clean
 from tests.integration.worker_harness import TinyModel, publish_tiny_model
 
-pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("refused_connections_collected")]
+pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")

@@ -20,13 +20,13 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 
 from recstream_tools.kafka import KafkaCluster
 from stream_worker.broker import ensure_topics
 from stream_worker.events import EVENT_TYPES, Reason, event_value
 from stream_worker.store import make_engine, run_migrations
-from tests.integration.reliability_harness import committed_offsets, stored_state
+from tests.integration.reliability_harness import stored_state
 from tests.integration.worker_harness import (
     TinyModel,
     WorkerProcess,
@@ -46,7 +46,7 @@ class Running:
     letters: KafkaConsumer
     recs: KafkaConsumer
     topics: dict[str, str]
-    bootstrap: str
+    admin: KafkaAdminClient
     engine: Any
     seen_letters: dict[int, dict[str, Any]]  # source offset -> dead letter
 
@@ -62,8 +62,12 @@ class Running:
 
     def wait_committed(self, offset: int, timeout: float = 30) -> None:
         group = self.proc.env["RECSTREAM_WORKER__GROUP_ID"]
+        tp = TopicPartition(self.topics["events"], 0)
         deadline = time.monotonic() + timeout
-        while committed_offsets(self.bootstrap, group, self.topics["events"]).get(0, 0) < offset:
+        while True:
+            committed = self.admin.list_group_offsets({group: None}).get(group, {}).get(tp)
+            if committed is not None and committed.offset >= offset:
+                return
             assert time.monotonic() < deadline, f"offset {offset} not committed in {timeout}s"
             time.sleep(0.05)
 
@@ -102,13 +106,13 @@ def running(broker: KafkaCluster, tmp_path_factory: pytest.TempPathFactory) -> I
     producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=0)
     state = Running(
         proc, producer, _reader(bootstrap, topics["dead_letter"]),
-        _reader(bootstrap, topics["recommendations"]), topics, bootstrap, make_engine(db_url),
-        {},
+        _reader(bootstrap, topics["recommendations"]), topics,
+        KafkaAdminClient(bootstrap_servers=bootstrap), make_engine(db_url), {},
     )  # fmt: skip
     try:
         yield state
     finally:
-        for client in (producer, state.letters, state.recs):
+        for client in (producer, state.letters, state.recs, state.admin):
             client.close()
         state.engine.dispose()
         code = proc.stop()
