@@ -295,15 +295,22 @@ def worker() -> None:
 
 @app.command()
 def migrate(
-    revision: Annotated[str, typer.Option(help="Target revision.")] = "head",
+    revision: Annotated[
+        str,
+        typer.Option(
+            help="Target revision: head (default), or an earlier one to downgrade to "
+            "(base: drop everything)."
+        ),
+    ] = "head",
 ) -> None:
-    """Apply the database migrations (RECSTREAM_DATABASE__URL) up to a revision."""
+    """Bring the state database (RECSTREAM_DATABASE__URL) to a revision: upgrade, or
+    downgrade to an earlier one."""
     from stream_worker.store import redacted, run_migrations
 
     settings = load_settings()
     url = settings.database.url.get_secret_value()
     before, after = run_migrations(url, revision)
-    typer.echo(f"database {redacted(url)}: {before or 'empty'} -> {after}")
+    typer.echo(f"database {redacted(url)}: {before or 'empty'} -> {after or 'empty'}")
 
 
 @app.command()

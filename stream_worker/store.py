@@ -16,6 +16,7 @@ Pure logic (:func:`merge_events`) is apart from I/O so it is tested without a da
 from __future__ import annotations
 
 import functools
+import importlib.resources
 import logging
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -46,6 +47,7 @@ from sqlalchemy import (
     select,
     text,
 )
+from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, InterfaceError, OperationalError
@@ -57,8 +59,11 @@ from stream_worker.events import ClickEvent
 
 logger = logging.getLogger(__name__)
 
-MIGRATIONS_DIR = Path(__file__).resolve().parents[1] / "migrations"
+# The migrations ship inside the package (``stream_worker.migrations``, mapped onto the
+# repository's migrations/ by pyproject.toml), so a plain wheel install has them.
+MIGRATIONS_DIR = Path(str(importlib.resources.files("stream_worker.migrations")))
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+_MIGRATION_LOCK = 0x7265_6373  # "recs": PostgreSQL advisory lock of migration runs
 PG_CONNECT_TIMEOUT_S = 10
 NO_OFFSET = -1  # "nothing applied yet": Kafka offsets start at 0
 
@@ -84,6 +89,14 @@ user_sequences = Table(
     Column("items", JSON, nullable=False),
     Column("event_count", BigInteger, nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False),
+)
+
+# One row: the oldest code revision that can still run on this schema (migration 0002).
+schema_compatibility = Table(
+    "schema_compatibility",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("oldest_reader", String(32), nullable=False),
 )
 
 partition_offsets = Table(
@@ -363,6 +376,17 @@ def current_revision(engine: Engine) -> str | None:
         return MigrationContext.configure(conn).get_current_revision()
 
 
+def _is_downgrade(current: str | None, target: str) -> bool:
+    """True when ``target`` lies before the database's ``current`` revision."""
+    if current is None or target in ("head", "heads", current):
+        return False
+    if target == "base":
+        return True
+    if not _known_revision(target) or not _known_revision(current):
+        return False  # alembic names the unknown revision
+    return _is_ancestor(target, current)
+
+
 def _known_revision(revision: str) -> bool:
     try:
         _script_directory().get_revision(revision)
@@ -371,8 +395,29 @@ def _known_revision(revision: str) -> bool:
     return True
 
 
+def _is_ancestor(older: str, newer: str) -> bool:
+    """True when revision ``older`` comes at or before ``newer`` (both known here)."""
+    script = _script_directory()
+    return any(rev.revision == older for rev in script.iterate_revisions(newer, "base"))
+
+
+def oldest_reader(engine: Engine) -> str | None:
+    """The database's compatibility window: the oldest code revision that may run on it
+    (None before migration 0002)."""
+    with _transaction(engine) as conn:
+        if not sa_inspect(conn).has_table("schema_compatibility"):
+            return None
+        value = conn.execute(select(schema_compatibility.c.oldest_reader)).scalar()
+    return None if value is None else str(value)
+
+
 def check_migrated(engine: Engine) -> None:
-    """Raise :class:`DatabaseNotMigrated` unless the database is at the expected revision.
+    """Raise :class:`DatabaseNotMigrated` unless this version can run on the database.
+
+    It can at its own head revision, and at a newer revision (migrated by a newer
+    recstream) whose compatibility window still includes this version's head: that is
+    what lets an image be rolled back without touching the database. A database behind
+    this version's head needs ``recstream migrate``.
 
     Raises :class:`DatabaseUnavailable` when the database cannot be reached.
     """
@@ -382,9 +427,19 @@ def check_migrated(engine: Engine) -> None:
         return
     where = redacted(engine.url)
     if current is not None and not _known_revision(current):
+        reader = oldest_reader(engine)
+        if reader is not None and _known_revision(reader) and _is_ancestor(reader, expected):
+            logger.warning(
+                "database %s is at revision %s, newer than this version's %s; its "
+                "compatibility window starts at %s, so this version runs on it",
+                where, current, expected, reader,
+            )  # fmt: skip
+            return
         raise DatabaseNotMigrated(
             f"database {where} is at revision {current}, which this version does not know "
-            f"(expected {expected}): it was migrated by a newer recstream; deploy that version"
+            f"(expected {expected}) and whose compatibility window starts at "
+            f"{reader or 'its own revision'}: it was migrated by a newer recstream; deploy "
+            "that version"
         )
     shown = current if current is not None else "none (empty)"
     raise DatabaseNotMigrated(
@@ -392,27 +447,36 @@ def check_migrated(engine: Engine) -> None:
     )
 
 
-def run_migrations(url: str, revision: str = "head") -> tuple[str | None, str]:
-    """Upgrade the database at ``url`` to ``revision``; returns (revision before, after).
+def run_migrations(url: str, revision: str = "head") -> tuple[str | None, str | None]:
+    """Bring the database at ``url`` to ``revision``, upgrading or, for a revision
+    before its own, downgrading; returns (revision before, after).
 
     All migrations run in one transaction (both databases have transactional DDL), so
-    a failure leaves the database at the revision it had.
+    a failure leaves the database at the revision it had; concurrent runs (every
+    worker's init container at a rollout) wait for each other on the database's write
+    lock and the later ones find nothing to do.
     """
     engine = make_engine(url, pool_size=1)
     try:
         with _transaction(engine, write=True) as conn:
+            if conn.dialect.name == "postgresql":
+                conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK})
             before = MigrationContext.configure(conn).get_current_revision()
             config = alembic_config(url)
             # env.py runs on this connection, inside this transaction.
             config.attributes["connection"] = conn
+            downgrade = _is_downgrade(before, revision)
             try:
-                command.upgrade(config, revision)
+                if downgrade:
+                    command.downgrade(config, revision)
+                else:
+                    command.upgrade(config, revision)
             except CommandError as exc:
                 raise ConfigError(f"cannot migrate {redacted(url)} to {revision}: {exc}") from None
             after = MigrationContext.configure(conn).get_current_revision()
     finally:
         engine.dispose()
-    if after is None:
+    if after is None and revision != "base":
         raise StoreError(f"database {redacted(url)} has no revision after migrating to {revision}")
     if before == after:
         logger.info("database %s already at revision %s", redacted(url), after)

@@ -129,7 +129,7 @@ def containers(rendered: Rendered) -> Iterator[tuple[str, dict[str, Any], dict[s
     for doc in rendered.docs:
         if doc["kind"] in {"Deployment", "Job", "CronJob"}:
             spec = pod_spec(doc)
-            for container in spec["containers"]:
+            for container in spec.get("initContainers", []) + spec["containers"]:
                 yield doc["metadata"]["name"], spec, container
 
 
@@ -313,12 +313,22 @@ def test_every_pod_runs_non_root_with_a_read_only_root_filesystem(each: Rendered
         assert ctx["allowPrivilegeEscalation"] is False, name
         assert ctx["capabilities"]["drop"] == ["ALL"], name
         assert container["resources"]["limits"].get("memory"), name
-    assert seen == {"recstream-worker", "recstream-migrate", "recstream-retrain"}
+    assert seen == {"recstream-worker", "recstream-retrain"}
 
 
-def test_jobs_migrate_and_retrain_on_the_shared_artifacts_volume(each: Rendered) -> None:
-    migrate = each.one("Job", "recstream-migrate")
-    assert pod_spec(migrate)["containers"][0]["args"] == ["migrate"]
+def test_workers_migrate_first_and_jobs_retrain_on_the_shared_artifacts_volume(
+    each: Rendered,
+) -> None:
+    """A rollout migrates before new workers start, in their init container: no Job
+    whose immutable template must be deleted by hand before each upgrade."""
+    assert not [d for d in each.docs if d["kind"] == "Job"]
+    worker_pod = pod_spec(each.one("Deployment", "recstream-worker"))
+    (migrate,) = worker_pod["initContainers"]
+    (worker,) = worker_pod["containers"]
+    assert migrate["args"] == ["migrate"] and migrate["image"] == worker["image"]
+    assert migrate["envFrom"] == worker["envFrom"]
+    database = {e["name"]: e for e in migrate["env"]}["RECSTREAM_DATABASE__URL"]
+    assert database == {e["name"]: e for e in worker["env"]}["RECSTREAM_DATABASE__URL"]
     cron = each.one("CronJob", "recstream-retrain")
     assert cron["spec"]["concurrencyPolicy"] == "Forbid"
     spec = pod_spec(cron)
@@ -379,7 +389,12 @@ def test_only_the_gpu_overlay_asks_for_gpus(rendered: dict[str, Rendered]) -> No
     for overlay, r in rendered.items():
         for name, _, container in containers(r):
             limits = container["resources"]["limits"]
-            wants_gpu = overlay == "gpu" and name in {"recstream-worker", "recstream-retrain"}
+            # The migration init container needs no GPU.
+            wants_gpu = (
+                overlay == "gpu"
+                and name in {"recstream-worker", "recstream-retrain"}
+                and container["name"] != "migrate"
+            )
             assert (limits.get("nvidia.com/gpu") == "1") is wants_gpu, (overlay, name)
             assert container["image"].endswith("-cuda" if overlay == "gpu" else "-cpu")
     assert rendered["gpu"].config()["RECSTREAM_WORKER__DEVICE"] == "cuda"

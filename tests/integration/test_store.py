@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -18,10 +19,12 @@ from stream_worker.events import ClickEvent
 from stream_worker.store import (
     apply_batch,
     check_migrated,
+    expected_revision,
     iter_sequences,
     load_sequences,
     make_engine,
     metadata,
+    oldest_reader,
     partition_offsets,
     redacted,
     run_migrations,
@@ -80,8 +83,11 @@ def event_counts(engine: Engine) -> dict[str, int]:
 # ---------------------------------------------------------------------------- migrations
 
 
+HEAD = expected_revision()
+
+
 def test_migrations_from_empty_to_head_create_both_tables(db_url: str, engine: Engine) -> None:
-    assert run_migrations(db_url) == (None, "0001")
+    assert run_migrations(db_url) == (None, HEAD)
 
     inspector = inspect(engine)
     assert {"user_sequences", "partition_offsets", "alembic_version"} <= set(
@@ -98,14 +104,14 @@ def test_migrations_from_empty_to_head_create_both_tables(db_url: str, engine: E
         diff = compare_metadata(MigrationContext.configure(conn), metadata)
     assert diff == []
     # Running again is a no-op.
-    assert run_migrations(db_url) == ("0001", "0001")
+    assert run_migrations(db_url) == (HEAD, HEAD)
 
 
 def test_check_migrated_names_the_command_until_migrated(db_url: str, engine: Engine) -> None:
     with pytest.raises(DatabaseNotMigrated) as info:
         check_migrated(engine)
     assert str(info.value) == (
-        f"database {redacted(db_url)} is at revision none (empty), expected 0001: "
+        f"database {redacted(db_url)} is at revision none (empty), expected {HEAD}: "
         "run `recstream migrate`"
     )
     assert not info.value.retriable
@@ -118,9 +124,64 @@ def test_check_migrated_names_the_command_until_migrated(db_url: str, engine: En
 def test_check_migrated_rejects_a_revision_from_a_newer_version(migrated: Engine) -> None:
     with migrated.begin() as conn:
         conn.execute(text("UPDATE alembic_version SET version_num = '9999'"))
+        conn.execute(text("UPDATE schema_compatibility SET oldest_reader = '9999'"))
 
     with pytest.raises(DatabaseNotMigrated, match=r"revision 9999, which this version does not"):
         check_migrated(migrated)
+
+
+def test_a_newer_revision_whose_window_includes_this_version_is_accepted(
+    migrated: Engine,
+) -> None:
+    """An image rollback: the database was migrated by a newer recstream whose migrations
+    kept this version's head in their compatibility window."""
+    with migrated.begin() as conn:
+        conn.execute(text("UPDATE alembic_version SET version_num = '9999'"))
+    assert oldest_reader(migrated) == HEAD
+    check_migrated(migrated)  # no error
+
+
+def test_migrate_downgrades_to_an_earlier_revision_and_back(db_url: str, engine: Engine) -> None:
+    run_migrations(db_url)
+    assert run_migrations(db_url, "0001") == (HEAD, "0001")
+    assert "schema_compatibility" not in inspect(engine).get_table_names()
+    with pytest.raises(DatabaseNotMigrated, match="run `recstream migrate`"):
+        check_migrated(engine)
+    assert run_migrations(db_url) == ("0001", HEAD)
+    check_migrated(engine)
+
+
+def test_a_database_full_of_state_upgrades_from_the_first_revision(
+    db_url: str, engine: Engine
+) -> None:
+    """State written at revision 0001 (its own tables, by SQL), upgraded to head: every
+    row is kept and the worker's code goes on applying batches on top of it."""
+    assert run_migrations(db_url, "0001") == (None, "0001")
+    users = 300
+    with engine.begin() as conn:
+        for n in range(users):
+            conn.execute(
+                text(
+                    "INSERT INTO user_sequences (user_id, items, event_count, updated_at) "
+                    "VALUES (:user, :items, :count, CURRENT_TIMESTAMP)"
+                ),
+                {"user": f"u{n}", "items": json.dumps([f"i{n}", f"i{n + 1}"]), "count": 2},
+            )
+        conn.execute(
+            text(
+                "INSERT INTO partition_offsets (topic, partition, last_offset, updated_at) "
+                "VALUES (:topic, 0, 599, CURRENT_TIMESTAMP)"
+            ),
+            {"topic": TOPIC},
+        )
+    before = snapshot(engine)
+    assert run_migrations(db_url) == ("0001", HEAD)
+    check_migrated(engine)
+    assert snapshot(engine) == before
+    result = apply_batch(engine, TOPIC, [ev("u7", "i99", 600), ev("u7", "i98", 601)], 200, {0: 601})
+    assert result.applied == 2
+    assert load_sequences(engine, ["u7"])["u7"] == ["i7", "i8", "i99", "i98"]
+    assert stored_offsets(engine, TOPIC) == {0: 601}
 
 
 def test_make_engine_reports_an_unusable_sqlite_directory(tmp_path: Any) -> None:
