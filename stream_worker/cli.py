@@ -369,6 +369,13 @@ def demo(
     workdir: Annotated[Path, typer.Option(help="Scratch directory (recreated).")] = Path(
         "var/demo"
     ),
+    broker: Annotated[
+        str,
+        typer.Option(
+            help="tansu (embedded, no JVM) or kafka (one Apache Kafka node, needs Java 17 "
+            "and Maven)."
+        ),
+    ] = "tansu",
 ) -> None:
     """Local broker + SQLite + a small model + one worker: watch recommendations stream."""
     run_demo = _tool("demo").run_demo
@@ -383,6 +390,7 @@ def demo(
         rate=rate,
         epochs=epochs,
         show=show,
+        broker=broker,
     )
 
 

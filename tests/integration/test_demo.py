@@ -1,4 +1,5 @@
-"""`recstream demo` on its embedded default, the tansu broker: no JVM, no server to start."""
+"""`recstream demo` on its embedded default, the tansu broker (no JVM, no server to
+start), and on Apache Kafka (`--broker kafka`, the launcher the tests use)."""
 
 import re
 import subprocess
@@ -10,15 +11,17 @@ import pytest
 pytestmark = pytest.mark.integration
 
 
-def test_the_demo_streams_recommendations_on_the_embedded_broker(tmp_path: Path) -> None:
+@pytest.mark.parametrize("broker", ["tansu", "kafka"])
+def test_the_demo_streams_recommendations(tmp_path: Path, broker: str) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "stream_worker.cli", "demo", "--events", "400", "--rate", "0",
-         "--epochs", "2", "--show", "3", "--workdir", str(tmp_path / "demo")],
+         "--epochs", "2", "--show", "3", "--workdir", str(tmp_path / "demo"),
+         "--broker", broker],
         capture_output=True, text=True, timeout=300, check=False,
     )  # fmt: skip
     out = done.stdout
     assert done.returncode == 0, out + done.stderr
-    assert "broker up at 127.0.0.1:" in out
+    assert f"{broker} broker up at 127.0.0.1:" in out
     # Recommendations printed as they stream out: "user -> item, item, ... (N ms)".
     assert len(re.findall(r"-> \S+.* \(\d+ ms\)", out)) >= 3, out
     summary = re.search(

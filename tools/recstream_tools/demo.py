@@ -22,7 +22,9 @@ from kafka import KafkaConsumer, KafkaProducer
 
 from model.config import IndexConfig, TrainConfig
 from model.data import build_sequence_data, load_interactions
+from model.errors import ConfigError
 from model.pipeline import load_training_data, train_and_publish
+from recstream_tools.kafka import KafkaCluster
 from recstream_tools.probe import free_port, wait_ready
 from recstream_tools.tansu import LocalBroker
 from stream_worker.errors import BrokerError, WorkerError
@@ -106,7 +108,12 @@ def run_demo(
     rate: float,
     epochs: int,
     show: int,
+    broker: str = "tansu",
 ) -> DemoStats:
+    """The whole loop on ``broker``: ``tansu`` (embedded, no JVM: the default) or
+    ``kafka`` (a one-node Apache Kafka, as the tests and benchmarks run)."""
+    if broker not in ("tansu", "kafka"):
+        raise ConfigError(f"--broker must be tansu or kafka, not {broker!r}")
     if workdir.exists():
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True)
@@ -117,17 +124,19 @@ def run_demo(
     run_migrations(db_url)
     stats = DemoStats()
     stop = threading.Event()
-    with LocalBroker(log_dir=workdir) as broker:
-        print(f"broker up at {broker.bootstrap_servers}; starting a worker...", flush=True)
+    running = LocalBroker(log_dir=workdir) if broker == "tansu" else KafkaCluster(workdir / "kafka")
+    with running as up:
+        bootstrap = up.bootstrap_servers
+        print(f"{broker} broker up at {bootstrap}; starting a worker...", flush=True)
         env = {
             **os.environ,
-            "RECSTREAM_KAFKA__BOOTSTRAP_SERVERS": broker.bootstrap_servers,
+            "RECSTREAM_KAFKA__BOOTSTRAP_SERVERS": bootstrap,
             "RECSTREAM_DATABASE__URL": db_url,
             "RECSTREAM_ARTIFACTS__ROOT": str(root),
             "RECSTREAM_WORKER__WEB_PORT": str(port := free_port()),
             "RECSTREAM_WORKER__DATA_DIR": str(workdir / "worker"),
             # tansu has no InitProducerId: the worker's producer cannot be idempotent.
-            "RECSTREAM_WORKER__IDEMPOTENT_PRODUCER": "false",
+            "RECSTREAM_WORKER__IDEMPOTENT_PRODUCER": str(broker == "kafka").lower(),
         }
         topics = settings.topics
         with (workdir / "worker.log").open("w") as worker_log:
@@ -140,7 +149,7 @@ def run_demo(
         consumer = threading.Thread(
             target=_consume,
             args=(
-                broker.bootstrap_servers,
+                bootstrap,
                 [topics.recommendations, topics.dead_letter],
                 stats,
                 stop,
@@ -156,7 +165,7 @@ def run_demo(
                 if data
                 else generate_clicks(events)
             )
-            producer = KafkaProducer(bootstrap_servers=broker.bootstrap_servers, linger_ms=5)
+            producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=5)
             started = time.monotonic()
             print(f"replaying {len(plan)} clicks at {rate or 'max'} events/s...", flush=True)
             sent = send_events(producer, topics.events, plan, rate=rate, progress=False)
