@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Dependency audit: every pin of requirements.lock and requirements-dev.lock against the Python Packaging Advisory
+# Dependency audit: every pin of requirements*.lock (runtime, development, CUDA) against the Python Packaging Advisory
 # database, with pip-audit (pinned below) in its own environment, .venv-audit/.
 #
 #   scripts/audit.sh            exit 0: no known vulnerability; 1: vulnerable pins (or a
@@ -44,9 +44,9 @@ fi
 # Local version labels (torch==2.13.0+cpu) are builds of the public release: audit that.
 pins=$(mktemp)
 trap 'rm -f "$pins"' EXIT
-cat requirements.lock requirements-dev.lock \
+cat requirements.lock requirements-dev.lock requirements-cuda.lock \
   | sed -E 's/^([A-Za-z0-9_.-]+==[^+ ;]+)\+[A-Za-z0-9.]+/\1/' >"$pins"
 
-echo "== pip-audit (requirements.lock, requirements-dev.lock)" >&2
+echo "== pip-audit (requirements.lock, requirements-dev.lock, requirements-cuda.lock)" >&2
 # --strict: a pin that cannot be checked fails the audit instead of being skipped.
 exec "$VENV/bin/pip-audit" --strict --no-deps --disable-pip --progress-spinner off -r "$pins"

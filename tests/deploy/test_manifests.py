@@ -454,3 +454,16 @@ def test_compose_runs_broker_database_worker_and_producer() -> None:
         assert (DEPLOY / build["context"] / build["dockerfile"]).resolve().is_file(), name
     assert services["producer"]["command"][0] == "produce"
     assert services["retrain"]["command"] == ["retrain"]
+
+
+def test_both_flavours_pin_the_same_torch_and_the_cuda_one_pins_faiss() -> None:
+    def pins(name: str) -> dict[str, str]:
+        lines = (REPO / name).read_text().splitlines()
+        return dict(line.split("==", 1) for line in lines if "==" in line)
+
+    runtime, cuda = pins("requirements.lock"), pins("requirements-cuda.lock")
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    assert runtime["torch"] == cuda["torch"]
+    assert f"ARG TORCH_VERSION={runtime['torch']}" in dockerfile
+    assert "faiss-gpu-cu12" in cuda and "faiss-cpu" not in cuda
+    assert "requirements-cuda.lock" in (DEPLOY / "Dockerfile.dockerignore").read_text()
