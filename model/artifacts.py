@@ -38,9 +38,10 @@ FORMAT_VERSION = 1
 
 
 def new_version_name(now: datetime | None = None) -> str:
-    """Sortable and unique: UTC time plus a random suffix."""
+    """Sortable and unique: UTC time to the millisecond plus a random suffix (names sort
+    in publication order, which ``recstream gc`` relies on)."""
     now = now or datetime.now(UTC)
-    return f"{now:%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
+    return f"{now:%Y%m%dT%H%M%S}.{now.microsecond // 1000:03d}Z-{secrets.token_hex(3)}"
 
 
 def sha256_file(path: Path) -> str:
@@ -161,59 +162,6 @@ def switch_current(root: Path, version: str) -> None:
     verify_version(root / version)
     _atomic_write_text(root / CURRENT, version + "\n")
     logger.info("CURRENT -> %s", version)
-
-
-def _check_version_name(version: str) -> None:
-    if not version or "/" in version or version.startswith(".") or version == CURRENT:
-        raise ArtifactError(f"{version!r} is not a version name")
-
-
-def rollback(root: Path, version: str) -> str | None:
-    """Point ``CURRENT`` at an existing, verified ``version``; returns the one it replaces.
-
-    Any complete version qualifies (older or newer): checksums are verified first, so a
-    broken version is refused and ``CURRENT`` keeps its value.
-    """
-    _check_version_name(version)
-    if not (root / version).is_dir():
-        raise ArtifactError(
-            f"no version {version!r} under {root} (`recstream versions` lists them)"
-        )
-    previous = _current_if_valid(root)  # a damaged CURRENT is what a rollback repairs
-    switch_current(root, version)
-    return previous
-
-
-def _current_if_valid(root: Path) -> str | None:
-    try:
-        return read_current(root)
-    except ArtifactError:
-        return None
-
-
-def version_summaries(root: Path) -> list[dict[str, Any]]:
-    """One summary per version directory, oldest first, from the manifests (unverified)."""
-    current = _current_if_valid(root)
-    out: list[dict[str, Any]] = []
-    for version in list_versions(root):
-        summary: dict[str, Any] = {"version": version, "current": version == current}
-        try:
-            manifest = read_manifest(root / version)
-        except ArtifactError as exc:
-            out.append(summary | {"complete": False, "error": str(exc)})
-            continue
-        metrics = manifest.get("metrics", {})
-        summary |= {
-            "complete": True,
-            "created": manifest.get("created"),
-            "model_version": manifest.get("model_version", version),
-            "index": manifest.get("index", {}).get("factory"),
-            "items": manifest.get("num_items"),
-            "valid_ndcg@10": metrics.get("valid", {}).get("ndcg@10"),
-            "test_ndcg@10": metrics.get("test", {}).get("ndcg@10"),
-        }
-        out.append(summary)
-    return out
 
 
 def read_current(root: Path) -> str:

@@ -36,6 +36,7 @@ from aiokafka.partitioner import DefaultPartitioner
 from faust.app.base import BootStrategy
 from sqlalchemy.engine import Engine
 
+from model.artifact_store import open_store
 from model.errors import RecstreamError
 from stream_worker.kafka_config import bootstrap_list, faust_broker_options, security_options
 from stream_worker.metrics import WorkerMetrics
@@ -388,12 +389,13 @@ def create_app(settings: Settings, engine: Engine) -> WorkerContext:
 
     setup_thread = functools.partial(limit_cpu_threads, settings.worker.cpu_threads)
     watcher = VersionWatcher(
-        settings.artifacts.root,
+        open_store(settings.artifacts.root, endpoint_url=settings.artifacts.endpoint_url),
         settings.worker.device,
         settings.artifacts.poll_interval_s,
         on_swap=on_swap,
         cache_bytes=settings.worker.encoder_cache_mb * 2**20,
         thread_setup=setup_thread,
+        cache_dir=settings.artifacts.cache_dir,
     )
     active = watcher.active
     metrics.set_version(active.model_version, active.index_version, active.published_at)

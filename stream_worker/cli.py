@@ -68,6 +68,15 @@ def _tool(module: str) -> Any:
         ) from None
 
 
+def _store(settings: Settings, location: str | None = None) -> Any:
+    """The artifact store at ``location`` (default RECSTREAM_ARTIFACTS__ROOT)."""
+    from model.artifact_store import open_store
+
+    return open_store(
+        location or settings.artifacts.root, endpoint_url=settings.artifacts.endpoint_url
+    )
+
+
 def _columns(spec: str | None) -> dict[str, str] | None:
     if not spec:
         return None
@@ -89,7 +98,9 @@ FormatOpt = Annotated[
 @app.command()
 def train(
     data: DataOpt,
-    out: Annotated[Path, typer.Option("--out", help="Artifact root to publish into.")],
+    out: Annotated[
+        str, typer.Option("--out", help="Artifact root to publish into: a directory or s3://.")
+    ],
     fmt: FormatOpt = None,
     epochs: Annotated[int | None, typer.Option(min=1, help="Most epochs to train.")] = None,
     columns: Annotated[
@@ -101,6 +112,7 @@ def train(
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """Train SASRec on a log file and publish a servable version (switches CURRENT)."""
+    from model.artifact_store import workspace
     from model.evaluate import format_table
     from model.pipeline import load_training_data, train_and_publish
 
@@ -108,7 +120,8 @@ def train(
     cfg = settings.train.model_copy(update={"epochs": epochs} if epochs else {})
     index_cfg = settings.index.model_copy(update={"factory": factory} if factory else {})
     sequences, info = load_training_data(data, fmt, _columns(columns))
-    published = train_and_publish(sequences, info, out, cfg, index_cfg, progress=progress)
+    with workspace(_store(settings, out)) as root:
+        published = train_and_publish(sequences, info, root, cfg, index_cfg, progress=progress)
     r = published.result
     typer.echo(
         format_table({"sasrec (test)": r.test, "popularity (test)": r.popularity_test}), err=True
@@ -124,24 +137,33 @@ def train(
 @app.command()
 def evaluate(
     data: DataOpt,
-    artifacts: Annotated[Path, typer.Option("--artifacts", help="Artifact root (uses CURRENT).")],
+    artifacts: Annotated[
+        str, typer.Option("--artifacts", help="Artifact root, a directory or s3:// (uses CURRENT).")
+    ],
     fmt: FormatOpt = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """Leave-one-out, full-ranking HR@K/NDCG@K of the live version and of popularity."""
+    from model.artifact_store import CURRENT, workspace
     from model.evaluate import format_table
     from model.pipeline import evaluate_published
 
-    load_settings()
-    result = evaluate_published(data, artifacts, fmt, progress=progress)
+    settings = load_settings()
+    with workspace(_store(settings, artifacts), pull=[CURRENT]) as root:
+        result = evaluate_published(data, root, fmt, progress=progress)
     typer.echo(format_table({"sasrec": result.model, "popularity": result.popularity}), err=True)
     typer.echo(json.dumps(result.as_json()))
 
 
 @app.command("build-index")
 def build_index(
-    artifacts: Annotated[Path, typer.Option("--artifacts", help="Artifact root.")],
-    factory: Annotated[str, typer.Option(help="FAISS factory string, e.g. Flat, IVF256,Flat.")],
+    artifacts: Annotated[
+        str | None,
+        typer.Option("--artifacts", help="Artifact root (default: RECSTREAM_ARTIFACTS__ROOT)."),
+    ] = None,
+    factory: Annotated[
+        str | None, typer.Option(help="FAISS factory string, e.g. Flat, IVF256,Flat.")
+    ] = None,
     version: Annotated[
         str | None, typer.Option(help="Source version (default: the one CURRENT names).")
     ] = None,
@@ -150,24 +172,30 @@ def build_index(
     switch: Annotated[bool, typer.Option(help="Point CURRENT at the new version.")] = True,
 ) -> None:
     """Rebuild the FAISS index of a version as a new version (model unchanged)."""
-    from model.artifacts import read_current, read_manifest, rebuild_index
+    from model.artifact_store import workspace
+    from model.artifacts import read_manifest, rebuild_index
 
     settings = load_settings()
-    updates: dict[str, Any] = {"factory": factory}
+    updates: dict[str, Any] = {"factory": factory or settings.index.factory}
     if nprobe:
         updates["nprobe"] = nprobe
     if ef_search:
         updates["ef_search"] = ef_search
     cfg: IndexConfig = settings.index.model_copy(update=updates)
-    source = version or read_current(artifacts)
-    new = rebuild_index(artifacts, source, cfg, switch=switch)
-    manifest = read_manifest(artifacts / new)
+    store = _store(settings, artifacts)
+    source = version or store.read_current()
+    with workspace(store, pull=[source]) as root:
+        new = rebuild_index(root, source, cfg, switch=switch)
+        manifest = read_manifest(root / new)
     typer.echo(json.dumps({"version": new, "source": source, "index": manifest["index"]}))
 
 
 ArtifactsRootOpt = Annotated[
-    Path | None,
-    typer.Option("--artifacts", help="Artifact root (default: RECSTREAM_ARTIFACTS__ROOT)."),
+    str | None,
+    typer.Option(
+        "--artifacts",
+        help="Artifact root, a directory or s3:// (default: RECSTREAM_ARTIFACTS__ROOT).",
+    ),
 ]
 
 
@@ -190,12 +218,13 @@ def retrain(
     exits 2 at once, or waits RECSTREAM_RETRAIN__LOCK_TIMEOUT_S seconds.
     Prints one JSON line.
     """
+    from model.artifact_store import CURRENT, workspace
     from model.errors import QualityGateRefused
     from model.retrain import run_retrain
     from stream_worker.store import check_migrated, iter_sequences, make_engine, redacted
 
     settings = load_settings()
-    root = artifacts or settings.artifacts.root
+    store = _store(settings, artifacts)
     cfg = settings.train.model_copy(update={"epochs": epochs} if epochs else {})
     index_cfg = settings.index.model_copy(update={"factory": factory} if factory else {})
     url = settings.database.url.get_secret_value()
@@ -206,17 +235,18 @@ def retrain(
         return dict(iter_sequences(engine))
 
     try:
-        outcome = run_retrain(
-            root,
-            load,
-            {"source": redacted(url), "table": "user_sequences"},
-            cfg,
-            index_cfg,
-            quality_margin=settings.retrain.quality_margin,
-            min_users=settings.retrain.min_users,
-            lock_timeout_s=settings.retrain.lock_timeout_s,
-            progress=progress,
-        )
+        with workspace(store, pull=[CURRENT]) as root:
+            outcome = run_retrain(
+                root,
+                load,
+                {"source": redacted(url), "table": "user_sequences"},
+                cfg,
+                index_cfg,
+                quality_margin=settings.retrain.quality_margin,
+                min_users=settings.retrain.min_users,
+                lock_timeout_s=settings.retrain.lock_timeout_s,
+                progress=progress,
+            )
     finally:
         engine.dispose()
     typer.echo(json.dumps(outcome.as_json()))
@@ -238,13 +268,13 @@ def retrain(
 @app.command()
 def versions(artifacts: ArtifactsRootOpt = None) -> None:
     """List the versions under the artifact root, oldest first; * marks CURRENT."""
-    from model.artifacts import version_summaries
+    from model.artifact_store import summaries as version_summaries
 
     settings = load_settings()
-    root = artifacts or settings.artifacts.root
-    summaries = version_summaries(root)
+    store = _store(settings, artifacts)
+    summaries = version_summaries(store)
     if not summaries:
-        raise ArtifactError(f"no versions under {root}")
+        raise ArtifactError(f"no versions under {store.url}")
 
     def fmt(value: object) -> str:
         return f"{value:.4f}" if isinstance(value, float) else str(value or "-")
@@ -260,7 +290,7 @@ def versions(artifacts: ArtifactsRootOpt = None) -> None:
             f"{fmt(s['index']):<14} {fmt(s['valid_ndcg@10'])}"
         )
     typer.echo("\n".join(lines), err=True)
-    typer.echo(json.dumps({"root": str(root), "versions": summaries}))
+    typer.echo(json.dumps({"root": store.url, "versions": summaries}))
 
 
 @app.command()
@@ -269,12 +299,27 @@ def rollback(
     artifacts: ArtifactsRootOpt = None,
 ) -> None:
     """Point CURRENT at another existing version (verified first); workers follow it."""
-    from model.artifacts import rollback as switch_back
+    from model.artifact_store import switch
 
     settings = load_settings()
-    root = artifacts or settings.artifacts.root
-    previous = switch_back(root, to)
+    previous = switch(_store(settings, artifacts), to, settings.artifacts.cache_dir)
     typer.echo(json.dumps({"current": to, "previous": previous}))
+
+
+@app.command()
+def gc(
+    keep: Annotated[
+        int, typer.Option(min=1, help="Newest versions to keep (the live one always).")
+    ],
+    artifacts: ArtifactsRootOpt = None,
+) -> None:
+    """Delete old versions: all but the newest KEEP, never the one CURRENT names."""
+    from model.artifact_store import gc as collect
+
+    settings = load_settings()
+    store = _store(settings, artifacts)
+    deleted = collect(store, keep)
+    typer.echo(json.dumps({"root": store.url, "deleted": deleted}))
 
 
 @app.command("settings")

@@ -16,7 +16,8 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from model.artifacts import LoadedVersion, load_version, read_current
+from model.artifact_store import ArtifactStore, fetch, prune_cache
+from model.artifacts import LoadedVersion, list_versions, load_version
 from model.errors import ArtifactError
 from model.index import ExactScorer, search, to_device
 from model.sequences import pad_left, pad_right
@@ -334,14 +335,16 @@ class VersionWatcher:
 
     def __init__(
         self,
-        root: Path,
+        store: ArtifactStore,
         device: str,
         poll_interval_s: float,
         on_swap: Callable[[Recommender], None] | None = None,
         cache_bytes: int = 0,
         thread_setup: Callable[[], None] | None = None,
+        cache_dir: Path = Path("var/artifacts-cache"),
     ) -> None:
-        self.root = root
+        self.store = store
+        self.cache_dir = cache_dir  # local copies of a bucket's versions
         self.device = device
         self.poll_interval_s = poll_interval_s
         self.on_swap = on_swap
@@ -350,7 +353,7 @@ class VersionWatcher:
         # Each version gets its own encoder cache: keys and values of another model's
         # weights mean nothing to it.
         self.cache_bytes = cache_bytes
-        self._active = Recommender.load(root, device=device, cache_bytes=cache_bytes)
+        self._active = self._load(store.read_current())
         self._pending: Recommender | None = None
         self._refused: str | None = None
         self._lock = threading.Lock()
@@ -359,6 +362,16 @@ class VersionWatcher:
         logger.info(
             "serving model %s, index %s", self._active.model_version, self._active.index_version
         )
+
+    def _load(self, version: str) -> Recommender:
+        """Load ``version``: verified, from the store (a bucket's through the local
+        cache, which then keeps this version and the two before it)."""
+        root = fetch(self.store, version, self.cache_dir)
+        recommender = Recommender.load(root, version, self.device, self.cache_bytes)
+        if root == self.cache_dir:
+            others = sorted((v for v in list_versions(root) if v != version), reverse=True)
+            prune_cache(self.cache_dir, [version, *others[:2]])
+        return recommender
 
     @property
     def active(self) -> Recommender:
@@ -384,7 +397,7 @@ class VersionWatcher:
     def check_once(self) -> bool:
         """Load the version CURRENT names if it is new; True when one is staged."""
         try:
-            wanted = read_current(self.root)
+            wanted = self.store.read_current()
         except ArtifactError as exc:
             logger.warning("cannot read CURRENT: %s", exc)
             return False
@@ -393,7 +406,7 @@ class VersionWatcher:
         if wanted in {self._active.loaded.version, staged, self._refused}:
             return False
         try:
-            candidate = Recommender.load(self.root, wanted, self.device, self.cache_bytes)
+            candidate = self._load(wanted)
         except (ArtifactError, RuntimeError, OSError) as exc:
             self._refused = wanted
             logger.error(

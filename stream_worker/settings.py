@@ -104,7 +104,22 @@ class TopicSettings(BaseModel):
 
 
 class ArtifactSettings(BaseModel):
-    root: Path = Field(Path("artifacts"), description="Artifact root holding CURRENT.")
+    """Versions and CURRENT (``model.artifact_store``)."""
+
+    root: str = Field(
+        "artifacts",
+        description="Where versions and CURRENT live: a directory, or s3://BUCKET/PREFIX on "
+        "any S3-compatible server (credentials from boto3's chain: AWS_ACCESS_KEY_ID and "
+        "AWS_SECRET_ACCESS_KEY, a profile or a role).",
+    )
+    endpoint_url: str | None = Field(
+        None, description="The S3-compatible server of an s3:// root; unset: AWS."
+    )
+    cache_dir: Path = Field(
+        Path("var/artifacts-cache"),
+        description="Local copies of versions from an s3:// root (workers keep the live "
+        "one and two before it; a restart or rollback does not download again).",
+    )
     poll_interval_s: float = Field(5.0, gt=0, description="How often workers check CURRENT.")
     max_age_s: float = Field(
         2 * 24 * 3600.0,

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from recstream_tools.kafka import KafkaCluster
+from recstream_tools.s3 import SeaweedS3
 from stream_worker.kafka_config import CLIENT_LOGGERS
 
 
@@ -30,6 +31,14 @@ def kafka3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaCluster]:
     """A three-node Apache Kafka cluster for failover tests: topics default to
     replication factor 3 with ``min.insync.replicas`` 2. Started on first use."""
     with KafkaCluster(tmp_path_factory.mktemp("kafka3"), nodes=3) as started:
+        yield started
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
+    """A SeaweedFS S3 gateway on 127.0.0.1 for the session; tests take buckets of their
+    own (``s3.new_bucket()``)."""
+    with SeaweedS3(tmp_path_factory.mktemp("seaweedfs")) as started:
         yield started
 
 

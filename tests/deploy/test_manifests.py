@@ -27,7 +27,7 @@ pytestmark = pytest.mark.deploy
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
-OVERLAYS = ("cpu", "gpu")
+OVERLAYS = ("cpu", "gpu", "s3")
 TOOLS_BIN = Path(os.environ.get("RECSTREAM_TOOLS_VENV", REPO / ".venv-tools")) / "bin"
 # The oldest Kubernetes these manifests are meant for (CronJob timeZone and Job
 # podFailurePolicy are GA there), and kubernetes-validate's newest.
@@ -291,8 +291,9 @@ def test_the_worker_is_probed_secured_and_budgeted(each: Rendered) -> None:
     assert {"cpu", "memory"} <= container["resources"]["requests"].keys()
     assert "memory" in container["resources"]["limits"]
     mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
-    artifacts = mounts[each.config()["RECSTREAM_ARTIFACTS__ROOT"]]
-    assert artifacts.get("readOnly") is True  # workers only read versions
+    if each.overlay != "s3":
+        artifacts = mounts[each.config()["RECSTREAM_ARTIFACTS__ROOT"]]
+        assert artifacts.get("readOnly") is True  # workers only read versions
     pdb = each.one("PodDisruptionBudget")
     assert pdb["spec"]["selector"]["matchLabels"] == worker["spec"]["selector"]["matchLabels"]
     service = each.one("Service", "recstream-metrics")
@@ -313,7 +314,7 @@ def test_every_pod_runs_non_root_with_a_read_only_root_filesystem(each: Rendered
         assert ctx["allowPrivilegeEscalation"] is False, name
         assert ctx["capabilities"]["drop"] == ["ALL"], name
         assert container["resources"]["limits"].get("memory"), name
-    assert seen == {"recstream-worker", "recstream-retrain"}
+    assert seen == {"recstream-worker", "recstream-retrain", "recstream-build-index"}
 
 
 def test_workers_migrate_first_and_jobs_retrain_on_the_shared_artifacts_volume(
@@ -334,10 +335,28 @@ def test_workers_migrate_first_and_jobs_retrain_on_the_shared_artifacts_volume(
     spec = pod_spec(cron)
     (container,) = spec["containers"]
     assert container["args"] == ["retrain"]
+    build = each.one("CronJob", "recstream-build-index")
+    assert build["spec"]["suspend"] is True  # run on demand: kubectl create job --from=...
+    assert pod_spec(build)["containers"][0]["args"] == ["build-index"]
+    config = each.config()
+    pods = (spec, pod_spec(build), pod_spec(each.one("Deployment")))
+    if each.overlay == "s3":
+        # Object storage: no volume shared between pods, credentials from their Secret.
+        assert config["RECSTREAM_ARTIFACTS__ROOT"].startswith("s3://")
+        assert not [d for d in each.docs if d["kind"] == "PersistentVolumeClaim"]
+        for pod in pods:
+            assert all("persistentVolumeClaim" not in v for v in pod["volumes"])
+            env = {e["name"]: e for e in pod["containers"][0]["env"]}
+            for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+                assert env[name]["valueFrom"]["secretKeyRef"]["name"] == "recstream-s3"
+            cache = config["RECSTREAM_ARTIFACTS__CACHE_DIR"]
+            (mount,) = [m for m in pod["containers"][0]["volumeMounts"] if m["mountPath"] == cache]
+            assert "emptyDir" in {v["name"]: v for v in pod["volumes"]}[mount["name"]]
+        return
     pvc = each.one("PersistentVolumeClaim")
     assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
-    root = each.config()["RECSTREAM_ARTIFACTS__ROOT"]
-    for pod in (spec, pod_spec(each.one("Deployment"))):
+    root = config["RECSTREAM_ARTIFACTS__ROOT"]
+    for pod in pods:
         volumes = {v["name"]: v for v in pod["volumes"]}
         (mount,) = [
             m for c in pod["containers"] for m in c["volumeMounts"] if m["mountPath"] == root

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from model.artifact_store import LocalStore
 from model.artifacts import VersionContents, load_version, publish_version
 from model.config import IndexConfig
 from stream_worker.app import create_app
@@ -44,7 +45,7 @@ def processor(tiny: TinyModel, tmp_path: Path, **worker: object) -> BatchProcess
         {"worker": {"top_k": 5, **worker}, "artifacts": {"root": str(tiny.root)}}
     )
     cache_bytes = settings.worker.encoder_cache_mb * 2**20
-    watcher = VersionWatcher(tiny.root, "cpu", 60.0, cache_bytes=cache_bytes)
+    watcher = VersionWatcher(LocalStore(tiny.root), "cpu", 60.0, cache_bytes=cache_bytes)
     return BatchProcessor(settings, make_engine(url), watcher, WorkerMetrics())
 
 

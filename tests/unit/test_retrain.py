@@ -14,6 +14,7 @@ import torch
 from filelock import FileLock
 from typer.testing import CliRunner
 
+from model.artifact_store import LocalStore, summaries, switch
 from model.artifacts import (
     MANIFEST,
     VersionContents,
@@ -21,8 +22,6 @@ from model.artifacts import (
     publish_version,
     read_current,
     read_manifest,
-    rollback,
-    version_summaries,
 )
 from model.config import IndexConfig, TrainConfig
 from model.data import build_sequence_data
@@ -122,6 +121,11 @@ def retrain_here(
     )
 
 
+def rollback(root: Path, version: str) -> str | None:
+    """What `recstream rollback` does on a directory store."""
+    return switch(LocalStore(root), version, root / ".unused-cache")
+
+
 def test_rollback_switches_to_a_verified_version_and_refuses_others(tmp_path: Path) -> None:
     old = random_version(tmp_path, 1)
     new = random_version(tmp_path, 2)
@@ -144,12 +148,12 @@ def test_version_summaries_mark_current_and_incomplete_versions(tmp_path: Path) 
     old = random_version(tmp_path, 1)
     new = random_version(tmp_path, 2, switch=False)
     (tmp_path / "half-written").mkdir()
-    summaries = {s["version"]: s for s in version_summaries(tmp_path)}
-    assert summaries[old]["current"] and not summaries[new]["current"]
-    assert summaries[new]["valid_ndcg@10"] == pytest.approx(0.1)
-    assert summaries[new]["index"] == "Flat" and summaries[new]["items"] == ITEMS
-    assert summaries["half-written"]["complete"] is False
-    assert MANIFEST in summaries["half-written"]["error"]
+    found = {s["version"]: s for s in summaries(LocalStore(tmp_path))}
+    assert found[old]["current"] and not found[new]["current"]
+    assert found[new]["valid_ndcg@10"] == pytest.approx(0.1)
+    assert found[new]["index"] == "Flat" and found[new]["items"] == ITEMS
+    assert found["half-written"]["complete"] is False
+    assert MANIFEST in found["half-written"]["error"]
 
 
 def test_cli_versions_and_rollback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,0 +1,207 @@
+"""Artifacts on a directory and on a real S3-compatible server (SeaweedFS), one contract:
+train, build-index, versions, rollback and gc through the CLI on both; a broken or
+incomplete version refused; a worker switching versions through the bucket."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from model.artifact_store import ArtifactStore, open_store
+from model.errors import ArtifactError
+from recstream_tools.kafka import KafkaCluster
+from recstream_tools.probe import page
+from recstream_tools.s3 import SeaweedS3
+from stream_worker.broker import ensure_topics
+from stream_worker.cli import app
+from stream_worker.produce import generated_log
+from stream_worker.store import run_migrations
+from tests.integration.worker_harness import (
+    Reader,
+    WorkerProcess,
+    send,
+    walk_events,
+    worker_env,
+)
+
+pytestmark = pytest.mark.integration
+
+TINY = {"RECSTREAM_TRAIN__MAX_LEN": "20", "RECSTREAM_TRAIN__DIM": "16",
+        "RECSTREAM_TRAIN__BLOCKS": "1", "RECSTREAM_TRAIN__HEADS": "1",
+        "RECSTREAM_TRAIN__DEVICE": "cpu", "RECSTREAM_INDEX__DEVICE": "cpu"}  # fmt: skip
+
+
+@pytest.fixture(params=["directory", "s3"])
+def location(
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[tuple[str, dict[str, str]]]:
+    """(artifact root, environment) for a directory or for a fresh bucket."""
+    env = dict(TINY)
+    env["RECSTREAM_ARTIFACTS__CACHE_DIR"] = str(tmp_path / "cache")
+    if request.param == "s3":
+        s3: SeaweedS3 = request.getfixturevalue("s3")
+        root = f"s3://{s3.new_bucket()}/models"
+        env |= s3.env
+    else:
+        root = str(tmp_path / "artifacts")
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    yield root, env
+
+
+@pytest.fixture(scope="module")
+def log_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "walks.txt"
+    sequences = generated_log(users=60, items=40, length=25, seed=3)
+    path.write_text("".join(f"{u} {i}\n" for u, items in sequences.items() for i in items))
+    return path
+
+
+def cli(*args: str) -> Any:
+    result = CliRunner().invoke(app, list(args))
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def train(log_file: Path, root: str, epochs: int = 1) -> str:
+    version: str = cli(
+        "train", "--data", str(log_file), "--format", "sasrec", "--out", root,
+        "--epochs", str(epochs), "--no-progress",
+    )["version"]  # fmt: skip
+    return version
+
+
+def store_of(root: str, env: dict[str, str]) -> ArtifactStore:
+    return open_store(root, endpoint_url=env.get("RECSTREAM_ARTIFACTS__ENDPOINT_URL"))
+
+
+def test_train_build_index_rollback_and_gc_on_either_store(
+    location: tuple[str, dict[str, str]], log_file: Path
+) -> None:
+    root, env = location
+    first = train(log_file, root, epochs=2)
+    listed = cli("versions", "--artifacts", root)
+    assert [(v["version"], v["current"], v["complete"]) for v in listed["versions"]] == [
+        (first, True, True)
+    ]
+    second = cli("build-index", "--artifacts", root, "--factory", "HNSW8")["version"]
+    assert second != first
+    assert cli("rollback", "--artifacts", root, "--to", first) == {
+        "current": first, "previous": second,
+    }  # fmt: skip
+    third = cli("build-index", "--artifacts", root, "--factory", "Flat", "--no-switch")["version"]
+    # The live one (first) and the newest (third) stay; second goes.
+    assert cli("gc", "--artifacts", root, "--keep", "1")["deleted"] == [second]
+    store = store_of(root, env)
+    assert store.versions() == sorted([first, third]) and store.read_current() == first
+    evaluated = cli(
+        "evaluate",
+        "--data",
+        str(log_file),
+        "--format",
+        "sasrec",
+        "--artifacts",
+        root,
+        "--no-progress",
+    )
+    assert 0 <= evaluated["ndcg@10"] <= 1
+
+
+def test_a_broken_or_incomplete_version_never_becomes_current(
+    location: tuple[str, dict[str, str]], log_file: Path, tmp_path: Path
+) -> None:
+    root, env = location
+    live = train(log_file, root)
+    spare = cli("build-index", "--artifacts", root, "--factory", "Flat", "--no-switch")["version"]
+    store = store_of(root, env)
+    # A file of the spare version changes after its manifest was written.
+    local = tmp_path / "tampered"
+    store.get_version(spare, local)
+    (local / "items.json").write_text('["<pad>"]')
+    store.delete_version(spare)
+    store.put_version(local, spare)
+    with pytest.raises(ArtifactError, match="checksum mismatch"):
+        cli("rollback", "--artifacts", root, "--to", spare)
+    # A version whose upload stopped before its manifest.
+    (local / "manifest.json").unlink()
+    half = f"{spare}-half"
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    for name in ("encoder.pt", "items.json"):
+        (partial / name).write_bytes((local / name).read_bytes())
+    upload_files_only(store, partial, half)
+    assert not store.complete(half)
+    with pytest.raises(ArtifactError, match="not a complete version"):
+        cli("rollback", "--artifacts", root, "--to", half)
+    assert store.read_current() == live
+
+
+def upload_files_only(store: ArtifactStore, local: Path, version: str) -> None:
+    """What an upload cut short leaves: some files, no manifest."""
+    from model.artifact_store import LocalStore, S3Store
+
+    if isinstance(store, S3Store):
+        for path in local.iterdir():
+            store.client.upload_file(str(path), store.bucket, store._key(version, path.name))
+    else:
+        assert isinstance(store, LocalStore)
+        target = store.root / version
+        target.mkdir()
+        for path in local.iterdir():
+            (target / path.name).write_bytes(path.read_bytes())
+
+
+def test_a_worker_switches_versions_through_the_bucket(
+    broker: KafkaCluster, s3: SeaweedS3, log_file: Path, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    root = f"s3://{s3.new_bucket()}/models"
+    for key, value in {**TINY, **s3.env}.items():
+        monkeypatch.setenv(key, value)
+    first = train(log_file, root)
+    run = uuid.uuid4().hex[:8]
+    topics = {"events": f"s3-events-{run}", "recommendations": f"s3-recs-{run}",
+              "dead_letter": f"s3-dlq-{run}"}  # fmt: skip
+    ensure_topics(broker.bootstrap_servers, dict.fromkeys(topics.values(), 2))
+    db_url = f"sqlite:///{tmp_path / 'state.db'}"
+    run_migrations(db_url)
+    cache = tmp_path / "worker-cache"
+    env = worker_env(
+        broker.bootstrap_servers, db_url, tmp_path / "unused", topics, tmp_path,
+        RECSTREAM_ARTIFACTS__ROOT=root, RECSTREAM_ARTIFACTS__CACHE_DIR=str(cache),
+        **s3.env,
+    )  # fmt: skip
+    worker = WorkerProcess(env, tmp_path / "worker.log").start()
+    port = int(env["RECSTREAM_WORKER__WEB_PORT"])
+    try:
+        assert page(port, "/ready")[1]["index_version"] == first
+        second = cli("build-index", "--artifacts", root, "--factory", "HNSW8")["version"]
+        # The worker downloads and verifies the new version in the background and swaps
+        # it in between batches: events keep coming until an answer comes from it.
+        with Reader(broker.bootstrap_servers, topics["recommendations"]) as reader:
+            deadline = time.monotonic() + 60
+            wave = 0
+            while not any(v["index_version"] == second for v in reader.values):
+                assert time.monotonic() < deadline, worker.log()[-3000:]
+                send(broker.bootstrap_servers, topics["events"], walk_events(f"s3{wave}", 2, 1))
+                reader.read_until(lambda vs, n=len(reader.values): len(vs) > n, timeout=5)
+                wave += 1
+            swapped = next(i for i, v in enumerate(reader.values) if v["index_version"] == second)
+        later = reader.values[swapped:]
+        assert {v["index_version"] for v in later} == {second}
+        assert {v["model_version"] for v in later} == {first}  # the same model, a new index
+        assert {v["index_version"] for v in reader.values[:swapped]} <= {first}
+        assert page(port, "/ready")[1]["index_version"] == second
+        # The worker's local cache holds both versions, verified.
+        assert {p.name for p in cache.iterdir() if not p.name.startswith(".")} == {first, second}
+    finally:
+        assert worker.stop() == 0
