@@ -42,7 +42,38 @@ class WorkerMetrics:
             registry=r,
         )
         self.recommendations = Counter(
-            "recstream_recommendations", "Recommendations published.", registry=r
+            "recstream_recommendations",
+            "Recommendations published, by the model version that ranked them and by "
+            "source: model, or popularity (the fallback for a user with no known item).",
+            ["model_version", "source"],
+            registry=r,
+        )
+        self.online_scored = Counter(
+            "recstream_online_scored",
+            "Events scored against the recommendation last published to their user (online "
+            "evaluation), by the model version of that recommendation.",
+            ["model_version"],
+            registry=r,
+        )
+        self.online_hits = Counter(
+            "recstream_online_hits",
+            "Scored events whose item was in the top k of that recommendation: online HR@k "
+            "is this over recstream_online_scored_total (k: 10 and the served top_k).",
+            ["model_version", "k"],
+            registry=r,
+        )
+        self.online_ndcg = Counter(
+            "recstream_online_ndcg",
+            "Sum of NDCG@k gains (1 / log2(rank + 2) for a hit at 0-based rank) of scored "
+            "events: online NDCG@k is this over recstream_online_scored_total.",
+            ["model_version", "k"],
+            registry=r,
+        )
+        self.online_coverage = Gauge(
+            "recstream_online_coverage",
+            "Share of the catalogue recommended at least once by this worker, per version.",
+            ["model_version"],
+            registry=r,
         )
         self.batch_size = Histogram(
             "recstream_batch_size", "Records per micro-batch.", buckets=BATCH_BUCKETS, registry=r

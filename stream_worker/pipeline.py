@@ -6,6 +6,7 @@ only publishes what it returns, so this module knows nothing of Kafka clients.
 """
 
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ from stream_worker.recommender import Recommender, StageTimes, VersionWatcher
 from stream_worker.settings import Settings
 from stream_worker.store import (
     AppliedBatch,
+    LastRecommendation,
     apply_batch,
     database_problem,
     load_sequences,
@@ -77,6 +79,9 @@ class BatchProcessor:
         # Monotonic time of the batch in progress's last sign of life (its start, or a
         # database retry); None between batches. Read by the liveness probe.
         self.progress_at: float | None = None
+        # Online evaluation at 10 and at the served top_k; catalogue coverage per version.
+        self.online_ks = sorted({10, settings.worker.top_k})
+        self._covered: dict[str, set[str]] = {}
         # An outage blocks the batch (and so the partition's offsets) until the
         # database is back: nothing is acknowledged that was not applied.
         self._apply = retry(
@@ -131,25 +136,34 @@ class BatchProcessor:
                 events.append(decoded)
         t1 = time.perf_counter()
         applied = None
+        answer = _Answer(self, recommender, events)
         if records:
             # Where each partition stands after this batch, bad records included
             # (records come in offset order within a partition).
             positions = {rec.partition: rec.offset for rec in records}
             history = self.settings.worker.history_length
-            applied = self._apply(self.engine, self.topic, events, history, positions)
+            applied = self._apply(
+                self.engine, self.topic, events, history, positions, answer if events else None
+            )
         t2 = time.perf_counter()
-        times = StageTimes()
+        times = answer.times
         if applied is not None and events:
             self.metrics.events.labels("applied").inc(applied.applied)
             self.metrics.events.labels("duplicate").inc(applied.skipped)
-            out.recommendations = self._recommend(recommender, events, applied, times)
+            if not applied.applied:  # all re-deliveries: answered from stored state
+                answer(applied)
+            out.recommendations = answer.records
+            self._score_online(applied)
+            self._count_published(recommender, answer)
         t3 = time.perf_counter()
+        answer_ms = answer.seconds * 1000
+        # The answer runs inside the database transaction: its time is not the db stage's.
         out.stages_ms = {
             "decode": (t1 - t0) * 1000,
-            "db": (t2 - t1) * 1000,
+            "db": max(0.0, (t2 - t1) * 1000 - answer_ms),
             "encode": times.encode_ms,
             "search": times.search_ms,
-            "rank": (t3 - t2) * 1000 - times.encode_ms - times.search_ms,
+            "rank": max(0.0, answer_ms + (t3 - t2) * 1000 - times.encode_ms - times.search_ms),
         }
         self.metrics.batch_size.observe(len(records))
         for kind, count in times.reuse.items():
@@ -174,14 +188,40 @@ class BatchProcessor:
         key = None if rejected.key is None else rejected.key[:DEAD_LETTER_MAX_KEY_COPY]
         out.dead_letters.append((key, dead_letter_value(rejected, self.topic, now)))
 
-    def _recommend(
+    def _score_online(self, applied: AppliedBatch) -> None:
+        """Each user's first applied event against what was last published to it."""
+        for version, hits in online_scores(applied, self.online_ks).items():
+            self.metrics.online_scored.labels(version).inc(hits.scored)
+            for k in self.online_ks:
+                self.metrics.online_hits.labels(version, str(k)).inc(hits.hits[k])
+                self.metrics.online_ndcg.labels(version, str(k)).inc(hits.gains[k])
+
+    def _count_published(self, recommender: Recommender, answer: "_Answer") -> None:
+        version = recommender.model_version
+        fallbacks = len(answer.fallback_users)
+        self.metrics.recommendations.labels(version, "popularity").inc(fallbacks)
+        self.metrics.recommendations.labels(version, "model").inc(len(answer.records) - fallbacks)
+        covered = self._covered.setdefault(version, set())
+        for rec in answer.last.values():
+            covered.update(rec.items[: self.settings.worker.top_k])
+        while len(self._covered) > 3:  # versions long gone
+            old = next(iter(self._covered))
+            del self._covered[old]
+            self.metrics.online_coverage.remove(old)
+        self.metrics.online_coverage.labels(version).set(
+            len(covered) / max(1, recommender.num_items)
+        )
+
+    def recommend_batch(
         self,
         recommender: Recommender,
         events: Sequence[ClickEvent],
         applied: AppliedBatch,
         times: StageTimes,
-    ) -> list[tuple[bytes, bytes]]:
-        k = self.settings.worker.top_k
+    ) -> tuple[list[tuple[bytes, bytes]], dict[str, LastRecommendation]]:
+        """The records to publish for a batch, and per user what they carry (its top
+        ``max(top_k, 10)`` items, kept in the state for online scoring)."""
+        k = max(self.settings.worker.top_k, max(self.online_ks))
         sequences = dict(applied.sequences)
         last_event = dict(applied.last_event)
         # Re-delivered events (a crash after the DB commit, before the publish) are not
@@ -196,10 +236,12 @@ class BatchProcessor:
         ranked = recommender.recommend(sequences, k, times, {user: user for user in sequences})
         produced = self.now_ms()
         out = []
+        last = {}
         for user, items in ranked.items():
             event = last_event[user]
             out.append(self._record(user, items, recommender, event, produced))
-        return out
+            last[user] = LastRecommendation([i for i, _ in items], recommender.model_version)
+        return out, last
 
     def _recommend_per_event(
         self,
@@ -208,7 +250,7 @@ class BatchProcessor:
         recommender: Recommender,
         k: int,
         times: StageTimes,
-    ) -> list[tuple[bytes, bytes]]:
+    ) -> tuple[list[tuple[bytes, bytes]], dict[str, LastRecommendation]]:
         # The state after each event is the final state without the user's later items
         # of this batch.
         remaining: dict[str, int] = {}
@@ -226,10 +268,14 @@ class BatchProcessor:
             order.append((key, event))
         ranked = recommender.recommend(states, k, times, users)
         produced = self.now_ms()
-        return [
-            self._record(event.user_id, ranked[key], recommender, event, produced)
-            for key, event in order
-        ]
+        times.fallbacks = {users[key] for key in times.fallbacks}
+        records = []
+        last = {}
+        for key, event in order:
+            records.append(self._record(event.user_id, ranked[key], recommender, event, produced))
+            items = [i for i, _ in ranked[key]]
+            last[event.user_id] = LastRecommendation(items, recommender.model_version)
+        return records, last
 
     def _record(
         self,
@@ -240,10 +286,9 @@ class BatchProcessor:
         produced: int,
     ) -> tuple[bytes, bytes]:
         self.metrics.end_to_end_ms.observe(max(0, produced - event.ts))
-        self.metrics.recommendations.inc()
         value = recommendation_value(
             user,
-            items,
+            items[: self.settings.worker.top_k],
             recommender.model_version,
             recommender.index_version,
             event.event_id,
@@ -253,3 +298,68 @@ class BatchProcessor:
             event.offset,
         )
         return user.encode(), value
+
+
+class _Answer:
+    """The batch's answer, computed inside its database transaction (``apply_batch``
+    calls it; again if the transaction is retried, so each call starts afresh)."""
+
+    def __init__(
+        self, processor: BatchProcessor, recommender: Recommender, events: Sequence[ClickEvent]
+    ) -> None:
+        self.processor = processor
+        self.recommender = recommender
+        self.events = events
+        self.times = StageTimes()
+        self.records: list[tuple[bytes, bytes]] = []
+        self.last: dict[str, LastRecommendation] = {}
+        self.seconds = 0.0
+
+    @property
+    def fallback_users(self) -> set[str]:
+        return self.times.fallbacks
+
+    def __call__(self, applied: AppliedBatch) -> dict[str, LastRecommendation]:
+        started = time.perf_counter()
+        self.times = StageTimes()
+        self.records, self.last = self.processor.recommend_batch(
+            self.recommender, self.events, applied, self.times
+        )
+        self.seconds = time.perf_counter() - started
+        return self.last
+
+
+@dataclass
+class OnlineHits:
+    """One model version's online scores in a batch."""
+
+    scored: int = 0
+    hits: dict[int, int] = field(default_factory=dict)
+    gains: dict[int, float] = field(default_factory=dict)
+
+
+def online_scores(applied: AppliedBatch, ks: Sequence[int]) -> dict[str, OnlineHits]:
+    """Per model version: each user's first applied event of the batch scored against
+    the items last published to the user (``applied.previous``): a hit at k when its
+    item is in the top k, with NDCG gain ``1 / log2(rank + 2)`` (0-based rank)."""
+    first: dict[str, str] = {}
+    for event in applied.applied_events:
+        first.setdefault(event.user_id, event.item_id)
+    out: dict[str, OnlineHits] = {}
+    for user, previous in applied.previous.items():
+        target = first.get(user)
+        if target is None:
+            continue
+        scores = out.setdefault(
+            previous.model_version,
+            OnlineHits(0, dict.fromkeys(ks, 0), dict.fromkeys(ks, 0.0)),
+        )
+        scores.scored += 1
+        if target not in previous.items:
+            continue
+        rank = previous.items.index(target)
+        for k in ks:
+            if rank < k:
+                scores.hits[k] += 1
+                scores.gains[k] += 1.0 / math.log2(rank + 2)
+    return out

@@ -97,6 +97,8 @@ class StageTimes:
     search_ms: float = 0.0
     # Histories encoded per kind of cache reuse (``Reuse`` values).
     reuse: dict[str, int] = field(default_factory=dict)
+    # Keys of the sequences answered with the popularity list (no known item).
+    fallbacks: set[str] = field(default_factory=set)
 
 
 @dataclass
@@ -149,6 +151,10 @@ class Recommender:
     @property
     def index_version(self) -> str:
         return self.loaded.index_version
+
+    @property
+    def num_items(self) -> int:
+        return len(self.loaded.item_ids) - 1
 
     @property
     def published_at(self) -> float:
@@ -292,6 +298,8 @@ class Recommender:
                 histories.append(indices)
             else:
                 out[user] = popular_unseen(self.loaded.manifest["popularity"], set(items), k)
+                if times is not None:
+                    times.fallbacks.add(user)
         if not known_users:
             return out
         started = time.perf_counter()

@@ -89,6 +89,10 @@ user_sequences = Table(
     Column("items", JSON, nullable=False),
     Column("event_count", BigInteger, nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False),
+    # The top items last published to the user and the model version that ranked them
+    # (migration 0003): the user's next event is scored against them (online HR@K).
+    Column("last_recommended", JSON, nullable=True),
+    Column("last_model_version", String(64), nullable=True),
 )
 
 # One row: the oldest code revision that can still run on this schema (migration 0002).
@@ -172,6 +176,20 @@ class AppliedBatch:
     skipped: int  # events at or below the stored offset (re-deliveries)
     last_event: dict[str, ClickEvent] = field(default_factory=dict)  # per user, newest applied
     applied_events: list[ClickEvent] = field(default_factory=list)
+    # Per user with an applied event: what was last published to it, and by which model
+    # version, as stored before this batch (None: nothing yet).
+    previous: dict[str, LastRecommendation] = field(default_factory=dict)
+
+
+class LastRecommendation(NamedTuple):
+    """A user's last published items (best first) and the model version behind them."""
+
+    items: list[str]
+    model_version: str
+
+
+# Answers a batch inside its transaction: user -> what is published to it now.
+Answer = Callable[[AppliedBatch], Mapping[str, LastRecommendation]]
 
 
 # ------------------------------------------------------------------------------ engines
@@ -494,6 +512,7 @@ def apply_batch(
     events: Sequence[ClickEvent],
     max_len: int,
     positions: Mapping[int, int] | None = None,
+    answer: Answer | None = None,
 ) -> AppliedBatch:
     """Append a micro-batch's items to its users' sequences and advance partition offsets.
 
@@ -508,6 +527,10 @@ def apply_batch(
     advances the stored offsets past records that were not events, so the stored offset
     is where the worker really stands: a restart then re-reads neither events nor
     dead letters.
+
+    ``answer``, when given, is called inside the transaction with the applied batch and
+    returns what is published to each user now; it is stored with the state
+    (``last_recommended``), so the state and the last answer commit together.
     """
     if max_len < 1:
         raise ValueError(f"max_len must be at least 1, got {max_len}")
@@ -522,7 +545,8 @@ def apply_batch(
         candidates = sorted(
             {ev.user_id for ev in events if ev.offset > offsets.get(ev.partition, NO_OFFSET)}
         )
-        stored = _select_sequences(conn, statements.lock_sequences, candidates)
+        rows = _select_sequences(conn, statements.lock_sequences, candidates)
+        stored = {user: row[0] for user, row in rows.items()}
         merged = merge_events(offsets, stored, events, max_len)
         advanced = dict(merged.offsets)
         for partition, offset in positions.items():
@@ -547,22 +571,45 @@ def apply_batch(
                     for p, o in sorted(advanced.items())
                 ],
             )
-    last_event = {ev.user_id: ev for ev in merged.applied}
+        previous = {
+            user: LastRecommendation(list(row[1]), str(row[2]))
+            for user, row in rows.items()
+            if row[1] is not None and user in merged.sequences
+        }
+        result = AppliedBatch(
+            sequences=merged.sequences,
+            applied=len(merged.applied),
+            skipped=merged.skipped,
+            last_event={ev.user_id: ev for ev in merged.applied},
+            applied_events=merged.applied,
+            previous=previous,
+        )
+        if answer is not None and merged.applied:
+            published = answer(result)
+            rows_out = [
+                {"u": user, "b_items": rec.items, "b_version": rec.model_version}
+                for user, rec in sorted(published.items())
+                if user in merged.sequences
+            ]
+            if rows_out:
+                conn.execute(_UPDATE_LAST, rows_out)
     logger.debug(
         "applied %d events (%d re-deliveries skipped) to %d users from %s partitions %s",
-        len(merged.applied),
-        merged.skipped,
-        len(merged.sequences),
+        result.applied,
+        result.skipped,
+        len(result.sequences),
         topic,
         partitions,
     )
-    return AppliedBatch(
-        sequences=merged.sequences,
-        applied=len(merged.applied),
-        skipped=merged.skipped,
-        last_event=last_event,
-        applied_events=merged.applied,
-    )
+    return result
+
+
+# Each user's last answer, written in the batch's transaction (``apply_batch(answer=)``).
+_UPDATE_LAST = (
+    user_sequences.update()
+    .where(user_sequences.c.user_id == bindparam("u"))
+    .values(last_recommended=bindparam("b_items"), last_model_version=bindparam("b_version"))
+)
 
 
 class _Statements(NamedTuple):
@@ -609,7 +656,12 @@ def _statements(dialect: str) -> _Statements:
     # so that takes a misbehaving producer); ordered, so locks are taken in one order.
     # SQLite renders no FOR UPDATE and needs none.
     lock_sequences = (
-        select(sequences.user_id, sequences["items"])
+        select(
+            sequences.user_id,
+            sequences["items"],
+            sequences.last_recommended,
+            sequences.last_model_version,
+        )
         .where(sequences.user_id.in_(bindparam("user_ids", expanding=True)))
         .order_by(sequences.user_id)
         .with_for_update()
@@ -674,9 +726,11 @@ def _locked_offsets(
 def _select_sequences(
     conn: Connection, stmt: Executable, user_ids: Sequence[str]
 ) -> dict[str, Any]:
+    """user -> the rest of its row (``stmt`` selects the user id first)."""
     found: dict[str, Any] = {}
     for chunk in _chunks(user_ids):
-        found.update((user, items) for user, items in conn.execute(stmt, {"user_ids": chunk}).all())
+        for row in conn.execute(stmt, {"user_ids": chunk}).all():
+            found[row[0]] = row[1] if len(row) == 2 else tuple(row[1:])
     return found
 
 

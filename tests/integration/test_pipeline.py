@@ -2,6 +2,7 @@
 
 import json
 import logging
+import math
 import queue
 import time
 import warnings
@@ -11,6 +12,7 @@ import faiss
 import numpy as np
 import pytest
 import torch
+from sqlalchemy import select
 
 from model.artifact_store import LocalStore
 from model.artifacts import VersionContents, load_version, publish_version
@@ -27,7 +29,13 @@ from stream_worker.recommender import (
     search_depth,
 )
 from stream_worker.settings import Settings
-from stream_worker.store import load_sequences, make_engine, run_migrations, stored_offsets
+from stream_worker.store import (
+    load_sequences,
+    make_engine,
+    run_migrations,
+    stored_offsets,
+    user_sequences,
+)
 from tests.integration.worker_harness import TinyModel, publish_tiny_model
 
 pytestmark = pytest.mark.integration
@@ -276,3 +284,58 @@ def test_the_batch_and_watcher_threads_run_torch_and_faiss_on_the_configured_thr
         ctx.executor.shutdown()
         ctx.watcher.stop()
     assert threads == 1
+
+
+def sample(metrics: WorkerMetrics, name: str, **labels: str) -> float:
+    value = metrics.registry.get_sample_value(name, labels)
+    return 0.0 if value is None else value
+
+
+def test_the_next_event_is_scored_against_the_last_published_top_k(
+    tiny: TinyModel, tmp_path: Path
+) -> None:
+    """Online evaluation: what a batch publishes to a user is stored with the state (top
+    10, for a served top 5); the user's next event is a hit at k when its item is in the
+    top k of that list, and counts toward the version that ranked it."""
+    proc = processor(tiny, tmp_path)
+    version = tiny.version
+    first = proc.process(records([("e1", "u", "item-1"), ("e1", "v", "item-7")]))
+    published = {json.loads(v)["user_id"]: json.loads(v) for _, v in first.recommendations}
+    stored = stored_last(proc)
+    # Kept with the state: the top 10 (5 served), by the serving version.
+    assert stored["u"] == (tiny.offline_top_k(["item-1"], 10), version)
+    assert [i["item_id"] for i in published["u"]["items"]] == stored["u"][0][:5]
+    assert sample(proc.metrics, "recstream_online_scored_total", model_version=version) == 0
+    # u's next item is its 1st recommendation (rank 0), v's its 8th (rank 7); w is new.
+    u_item, v_item = stored["u"][0][0], stored["v"][0][7]
+    proc.process(records([("e2", "u", u_item), ("e2", "v", v_item), ("e2", "w", "item-2")], 2))
+    scored = sample(proc.metrics, "recstream_online_scored_total", model_version=version)
+    assert scored == 2
+    hits = {k: sample(proc.metrics, "recstream_online_hits_total", model_version=version, k=k)
+            for k in ("5", "10")}  # fmt: skip
+    assert hits == {"5": 1, "10": 2}
+    ndcg10 = sample(proc.metrics, "recstream_online_ndcg_total", model_version=version, k="10")
+    assert ndcg10 == pytest.approx(1.0 + 1.0 / math.log2(9))
+    # Every recommendation came from the model (each user had a known item).
+    assert sample(proc.metrics, "recstream_recommendations_total", model_version=version,
+                  source="model") == 5  # fmt: skip
+    coverage = sample(proc.metrics, "recstream_online_coverage", model_version=version)
+    assert 0 < coverage <= 1
+
+
+def test_a_user_with_no_known_item_counts_as_a_popularity_fallback(
+    tiny: TinyModel, tmp_path: Path
+) -> None:
+    proc = processor(tiny, tmp_path)
+    proc.process(records([("e1", "u", "never-seen"), ("e1", "v", "item-3")]))
+    version = tiny.version
+    assert sample(proc.metrics, "recstream_recommendations_total", model_version=version,
+                  source="popularity") == 1  # fmt: skip
+    assert stored_last(proc)["u"] == (tiny.popularity[:10], version)
+
+
+def stored_last(proc: BatchProcessor) -> dict[str, tuple[list[str], str]]:
+    c = user_sequences.c
+    with proc.engine.connect() as conn:
+        rows = conn.execute(select(c.user_id, c.last_recommended, c.last_model_version))
+        return {user: (list(items), str(version)) for user, items, version in rows}
