@@ -155,6 +155,62 @@ def evaluate(
     typer.echo(json.dumps(result.as_json()))
 
 
+@app.command("replay-eval")
+def replay_eval(
+    data: DataOpt,
+    artifacts: Annotated[
+        str | None,
+        typer.Option("--artifacts", help="Artifact root (default: RECSTREAM_ARTIFACTS__ROOT)."),
+    ] = None,
+    fmt: FormatOpt = None,
+    users: Annotated[
+        int | None, typer.Option(min=1, help="Replay the first N users (default: all).")
+    ] = None,
+    local: Annotated[
+        bool,
+        typer.Option(
+            help="Run a broker and a worker of its own, like `recstream demo`; otherwise "
+            "use the configured deployment's topics (under fresh user ids)."
+        ),
+    ] = False,
+    broker: Annotated[str, typer.Option(help="With --local: tansu or kafka.")] = "tansu",
+    timeout: Annotated[float, typer.Option(min=1, help="Seconds to wait for answers.")] = 600,
+) -> None:
+    """Online against offline: each user's history without its last item through the real
+    path, the recommendation after its last event scored against the held-out item, beside
+    the same version's offline top 10 for the same users. One JSON line, and a table of
+    the users whose lists differ."""
+    import tempfile
+
+    from model.artifact_store import CURRENT, workspace
+    from model.artifacts import load_version
+    from model.data import load_interactions
+    from stream_worker.kafka_config import check_connection, kafka_python_options
+    from stream_worker.replay_eval import offline_answers, plan, report, run_replay
+
+    settings = load_settings()
+    chosen = plan(load_interactions(data, fmt).sequences(), users)
+    topics = (settings.topics.events, settings.topics.recommendations)
+    with workspace(_store(settings, artifacts), pull=[CURRENT]) as root:
+        loaded = load_version(root)
+        offline = offline_answers(loaded, chosen)
+        if local:
+            local_worker = _tool("demo").local_worker
+            with (
+                tempfile.TemporaryDirectory(prefix="recstream-replay-") as tmp,
+                local_worker(Path(tmp), root, broker) as run,
+            ):
+                options = {"bootstrap_servers": run.bootstrap}
+                online = run_replay(options, options, topics, chosen, timeout_s=timeout)
+        else:
+            check_connection(settings.kafka)
+            options = kafka_python_options(settings.kafka)
+            online = run_replay(options, options, topics, chosen, timeout_s=timeout)
+    doc, table = report(chosen, online, offline, loaded.version, settings.worker.history_length)
+    typer.echo(table, err=True)
+    typer.echo(json.dumps(doc))
+
+
 @app.command("build-index")
 def build_index(
     artifacts: Annotated[

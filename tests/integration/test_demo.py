@@ -31,3 +31,7 @@ def test_the_demo_streams_recommendations(tmp_path: Path, broker: str) -> None:
     recommendations, users, dead_letters = map(int, summary.groups())
     assert users > 0 and recommendations >= users
     assert dead_letters == 3  # the demo's three malformed records
+    # The running online HR@10: each user's next click against its last list.
+    online = re.search(r"online HR@10 of (\S+): ([0-9.]+)", out)
+    assert online is not None, out
+    assert 0 <= float(online.group(2)) <= 1

@@ -5,6 +5,7 @@ generated sessions unless artifacts are given), one worker process, a producer
 replaying clicks, and a consumer printing recommendations as they stream out.
 """
 
+import contextlib
 import json
 import logging
 import os
@@ -14,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +27,7 @@ from model.data import build_sequence_data, load_interactions
 from model.errors import ConfigError
 from model.pipeline import load_training_data, train_and_publish
 from recstream_tools.kafka import KafkaCluster
-from recstream_tools.probe import free_port, wait_ready
+from recstream_tools.probe import free_port, page, wait_ready
 from recstream_tools.tansu import LocalBroker
 from stream_worker.errors import BrokerError, WorkerError
 from stream_worker.produce import (
@@ -49,6 +51,7 @@ class DemoStats:
     dead_letters: int = 0
     latencies_ms: list[float] = field(default_factory=list)
     users: set[str] = field(default_factory=set)
+    online: dict[str, float] = field(default_factory=dict)  # online HR@10 per version
 
 
 def _train_demo_model(root: Path, data: Path | None, epochs: int) -> None:
@@ -112,44 +115,20 @@ def run_demo(
 ) -> DemoStats:
     """The whole loop on ``broker``: ``tansu`` (embedded, no JVM: the default) or
     ``kafka`` (a one-node Apache Kafka, as the tests and benchmarks run)."""
-    if broker not in ("tansu", "kafka"):
-        raise ConfigError(f"--broker must be tansu or kafka, not {broker!r}")
     if workdir.exists():
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True)
     root = artifacts or workdir / "artifacts"
     if artifacts is None:
         _train_demo_model(root, data, epochs)
-    db_url = f"sqlite:///{workdir / 'recstream.db'}"
-    run_migrations(db_url)
     stats = DemoStats()
     stop = threading.Event()
-    running = LocalBroker(log_dir=workdir) if broker == "tansu" else KafkaCluster(workdir / "kafka")
-    with running as up:
-        bootstrap = up.bootstrap_servers
-        print(f"{broker} broker up at {bootstrap}; starting a worker...", flush=True)
-        env = {
-            **os.environ,
-            "RECSTREAM_KAFKA__BOOTSTRAP_SERVERS": bootstrap,
-            "RECSTREAM_DATABASE__URL": db_url,
-            "RECSTREAM_ARTIFACTS__ROOT": str(root),
-            "RECSTREAM_WORKER__WEB_PORT": str(port := free_port()),
-            "RECSTREAM_WORKER__DATA_DIR": str(workdir / "worker"),
-            # tansu has no InitProducerId: the worker's producer cannot be idempotent.
-            "RECSTREAM_WORKER__IDEMPOTENT_PRODUCER": str(broker == "kafka").lower(),
-        }
+    with local_worker(workdir, root, broker) as run:
         topics = settings.topics
-        with (workdir / "worker.log").open("w") as worker_log:
-            worker = subprocess.Popen(
-                [sys.executable, "-m", "stream_worker.cli", "worker"],
-                env=env,
-                stdout=worker_log,
-                stderr=subprocess.STDOUT,
-            )
         consumer = threading.Thread(
             target=_consume,
             args=(
-                bootstrap,
+                run.bootstrap,
                 [topics.recommendations, topics.dead_letter],
                 stats,
                 stop,
@@ -158,14 +137,13 @@ def run_demo(
             daemon=True,
         )
         try:
-            _wait_for_worker(worker, port, workdir / "worker.log")
             consumer.start()
             plan: list[PlannedEvent] = (
                 plan_replay(load_interactions(data), limit=events)
                 if data
                 else generate_clicks(events)
             )
-            producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=5)
+            producer = KafkaProducer(bootstrap_servers=run.bootstrap, linger_ms=5)
             started = time.monotonic()
             print(f"replaying {len(plan)} clicks at {rate or 'max'} events/s...", flush=True)
             sent = send_events(producer, topics.events, plan, rate=rate, progress=False)
@@ -180,17 +158,84 @@ def run_demo(
             ):
                 time.sleep(0.2)
             elapsed = time.monotonic() - started
+            stats.online = online_hr(page(run.port, "/metrics")[1])
             _print_summary(sent, elapsed, stats)
         finally:
             stop.set()
+            if consumer.is_alive():
+                consumer.join(timeout=5)
+    return stats
+
+
+@dataclass
+class LocalRun:
+    bootstrap: str
+    port: int  # the worker's /live, /ready and /metrics
+    worker: subprocess.Popen[bytes]
+    log: Path
+
+
+@contextlib.contextmanager
+def local_worker(
+    workdir: Path,
+    artifacts: Path | str,
+    broker: str = "tansu",
+    extra_env: dict[str, str] | None = None,
+) -> Iterator[LocalRun]:
+    """A broker (``tansu`` or ``kafka``), a fresh SQLite file and one ``recstream worker``
+    serving ``artifacts``, ready (its /ready answered 200); all stopped on exit."""
+    if broker not in ("tansu", "kafka"):
+        raise ConfigError(f"--broker must be tansu or kafka, not {broker!r}")
+    db_url = f"sqlite:///{workdir / 'recstream.db'}"
+    run_migrations(db_url)
+    running = LocalBroker(log_dir=workdir) if broker == "tansu" else KafkaCluster(workdir / "kafka")
+    with running as up:
+        bootstrap = up.bootstrap_servers
+        print(f"{broker} broker up at {bootstrap}; starting a worker...", flush=True)
+        env = {
+            **os.environ,
+            "RECSTREAM_KAFKA__BOOTSTRAP_SERVERS": bootstrap,
+            "RECSTREAM_DATABASE__URL": db_url,
+            "RECSTREAM_ARTIFACTS__ROOT": str(artifacts),
+            "RECSTREAM_WORKER__WEB_PORT": str(port := free_port()),
+            "RECSTREAM_WORKER__DATA_DIR": str(workdir / "worker"),
+            # tansu has no InitProducerId: the worker's producer cannot be idempotent.
+            "RECSTREAM_WORKER__IDEMPOTENT_PRODUCER": str(broker == "kafka").lower(),
+            **(extra_env or {}),
+        }
+        log = workdir / "worker.log"
+        with log.open("w") as worker_log:
+            worker = subprocess.Popen(
+                [sys.executable, "-m", "stream_worker.cli", "worker"],
+                env=env,
+                stdout=worker_log,
+                stderr=subprocess.STDOUT,
+            )
+        try:
+            _wait_for_worker(worker, port, log)
+            yield LocalRun(bootstrap, port, worker, log)
+        finally:
             worker.send_signal(signal.SIGTERM)
             try:
                 worker.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 worker.kill()
-            if consumer.is_alive():
-                consumer.join(timeout=5)
-    return stats
+
+
+def online_hr(metrics_text: str, k: int = 10) -> dict[str, float]:
+    """Online HR@k per model version, from a worker's /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    scored: dict[str, float] = {}
+    hits: dict[str, float] = {}
+    for family in text_string_to_metric_families(metrics_text):
+        for sample in family.samples:
+            version = sample.labels.get("model_version", "")
+            if sample.name == "recstream_online_scored_total":
+                scored[version] = sample.value
+            elif sample.name == "recstream_online_hits_total" and sample.labels["k"] == str(k):
+                hits[version] = sample.value
+    return {v: hits.get(v, 0.0) / n for v, n in scored.items() if n}
 
 
 def _wait_for_worker(
@@ -214,3 +259,5 @@ def _print_summary(sent: int, elapsed: float, stats: DemoStats) -> None:
         f"{stats.dead_letters} dead letters",
         flush=True,
     )
+    for version, hr in sorted(stats.online.items()):
+        print(f"online HR@10 of {version}: {hr:.3f} (each user's next click vs its last list)")
