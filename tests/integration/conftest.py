@@ -35,6 +35,11 @@ def refused_connections_collected() -> Iterator[None]:
     reported in whichever later test happens to run the garbage collector. Tests that
     check for leaks of their own (``test_broker``) turn ResourceWarnings into errors
     inside the test."""
+    # Before the test too: module-scoped fixtures are torn down (and set up) outside
+    # the function-scoped ones, and hypothesis collects garbage between examples.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        gc.collect()
     yield
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ResourceWarning)

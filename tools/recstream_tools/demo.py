@@ -261,3 +261,7 @@ def _print_summary(sent: int, elapsed: float, stats: DemoStats) -> None:
     )
     for version, hr in sorted(stats.online.items()):
         print(f"online HR@10 of {version}: {hr:.3f} (each user's next click vs its last list)")
+    if not stats.online:
+        # One batch took every click (e.g. --rate 0 on tansu): no user clicked again
+        # after receiving a list, so there is nothing to score yet.
+        print("online HR@10: not measured (no user clicked again after receiving a list)")
