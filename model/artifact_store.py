@@ -1,6 +1,7 @@
 """Where versions live: a local directory or an S3-compatible bucket, with one contract.
 
-Both stores keep ``<root>/<version>/<file>`` and ``<root>/CURRENT``:
+Both stores keep ``<root>/<version>/<file>``, ``<root>/CURRENT`` and, while a canary
+runs, ``<root>/CANARY`` (a version served to a share of users beside ``CURRENT``):
 
 - a version is complete before anything points at it: its files first, its manifest
   (which lists every file's sha256) last, so a version without a manifest is not one;
@@ -27,6 +28,7 @@ import shutil
 import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -44,7 +46,52 @@ from model.errors import ArtifactError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CURRENT", "ArtifactStore", "LocalStore", "S3Store", "fetch", "open_store", "workspace"]
+__all__ = [
+    "CANARY",
+    "CURRENT",
+    "ArtifactStore",
+    "Canary",
+    "LocalStore",
+    "S3Store",
+    "fetch",
+    "open_store",
+    "workspace",
+]
+
+CANARY = "CANARY"
+
+
+def _check_name(version: str) -> None:
+    if version.startswith(".") or "/" in version or version in {CURRENT, CANARY} or not version:
+        raise ArtifactError(f"{version!r} is not a version name")
+
+
+@dataclass(frozen=True)
+class Canary:
+    """A version served to ``share`` of the users (a stable hash of each user id, see
+    ``stream_worker.recommender.in_canary``) beside the one ``CURRENT`` names."""
+
+    version: str
+    share: float
+
+    def __post_init__(self) -> None:
+        _check_name(self.version)
+        if not 0.0 < self.share < 1.0:
+            raise ArtifactError(
+                f"a canary's share is a fraction of users between 0 and 1 (exclusive), "
+                f"not {self.share:g}: 0.05 serves it to 5% of users"
+            )
+
+    def to_json(self) -> str:
+        return json.dumps({"version": self.version, "share": self.share}) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str, where: str) -> Canary:
+        try:
+            doc = json.loads(text)
+            return cls(str(doc["version"]), float(doc["share"]))
+        except (ValueError, TypeError, KeyError) as exc:
+            raise ArtifactError(f"{where} is not a canary ({{version, share}}): {exc}") from None
 
 
 class ArtifactStore(ABC):
@@ -59,6 +106,14 @@ class ArtifactStore(ABC):
     @abstractmethod
     def write_current(self, version: str) -> None:
         """Point ``CURRENT`` at ``version`` (the caller checked it is complete)."""
+
+    @abstractmethod
+    def read_canary(self) -> Canary | None:
+        """The canary, if one runs. :raises ArtifactError: an unreadable CANARY."""
+
+    @abstractmethod
+    def write_canary(self, canary: Canary | None) -> None:
+        """Start (or change) the canary in one write; None ends it."""
 
     @abstractmethod
     def versions(self) -> list[str]:
@@ -102,6 +157,19 @@ class LocalStore(ArtifactStore):
     def write_current(self, version: str) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         _atomic_write_text(self.root / CURRENT, version + "\n")
+
+    def read_canary(self) -> Canary | None:
+        path = self.root / CANARY
+        try:
+            return Canary.from_json(path.read_text(encoding="utf-8"), str(path))
+        except FileNotFoundError:
+            return None
+
+    def write_canary(self, canary: Canary | None) -> None:
+        if canary is None:
+            (self.root / CANARY).unlink(missing_ok=True)
+        else:
+            _atomic_write_text(self.root / CANARY, canary.to_json())
 
     def versions(self) -> list[str]:
         return list_versions(self.root)
@@ -176,6 +244,21 @@ class S3Store(ArtifactStore):
         self.client.put_object(
             Bucket=self.bucket, Key=self._key(CURRENT), Body=(version + "\n").encode()
         )
+
+    def read_canary(self) -> Canary | None:
+        try:
+            raw = self._get(self._key(CANARY))
+        except FileNotFoundError:
+            return None
+        return Canary.from_json(raw.decode(errors="replace"), f"{self.url}/{CANARY}")
+
+    def write_canary(self, canary: Canary | None) -> None:
+        if canary is None:
+            self.client.delete_object(Bucket=self.bucket, Key=self._key(CANARY))
+        else:
+            self.client.put_object(
+                Bucket=self.bucket, Key=self._key(CANARY), Body=canary.to_json().encode()
+            )
 
     def versions(self) -> list[str]:
         # From the objects themselves, not "directories": a server may keep an empty
@@ -325,8 +408,7 @@ def switch(store: ArtifactStore, version: str, cache: Path) -> str | None:
 
     :raises ArtifactError: no such version, incomplete, or a checksum mismatch.
     """
-    if version.startswith(".") or "/" in version or version == CURRENT or not version:
-        raise ArtifactError(f"{version!r} is not a version name")
+    _check_name(version)
     if version not in store.versions():
         raise ArtifactError(
             f"no version {version!r} under {store.url} (`recstream versions` lists them)"
@@ -340,17 +422,71 @@ def switch(store: ArtifactStore, version: str, cache: Path) -> str | None:
     return previous
 
 
+def _live(store: ArtifactStore) -> str | None:
+    try:
+        return store.read_current()
+    except ArtifactError:
+        return None
+
+
+def start_canary(store: ArtifactStore, version: str, share: float, cache: Path) -> Canary:
+    """Serve ``version`` (verified first) to ``share`` of the users beside ``CURRENT``;
+    replaces a running canary. Workers pick it up at their next poll.
+
+    :raises ArtifactError: a bad share, no such version, a broken one, or the live one.
+    """
+    canary = Canary(version, share)
+    live = _live(store)
+    if live is None:
+        raise ArtifactError(f"no {CURRENT} under {store.url}: a canary runs beside a live version")
+    if version == live:
+        raise ArtifactError(f"{version} is already the live version")
+    if version not in store.versions():
+        raise ArtifactError(
+            f"no version {version!r} under {store.url} (`recstream versions` lists them)"
+        )
+    fetch(store, version, cache)
+    store.write_canary(canary)
+    return canary
+
+
+def stop_canary(store: ArtifactStore) -> Canary | None:
+    """End the canary (its users go back to ``CURRENT``); returns the one ended."""
+    canary = store.read_canary()
+    store.write_canary(None)
+    return canary
+
+
+def promote(store: ArtifactStore, cache: Path) -> tuple[Canary, str | None]:
+    """Make the canary the live version: ``CURRENT`` first, then ``CANARY`` removed (a
+    worker that sees both name the same version serves it to everyone). Returns the
+    canary and the version it replaces.
+
+    :raises ArtifactError: no canary runs, or its version is no longer whole.
+    """
+    canary = store.read_canary()
+    if canary is None:
+        raise ArtifactError(f"no canary runs under {store.url} (recstream canary --version V)")
+    previous = switch(store, canary.version, cache)
+    store.write_canary(None)
+    return canary, previous
+
+
 def gc(store: ArtifactStore, keep: int) -> list[str]:
-    """Delete all but the newest ``keep`` versions, never the live one; returns the
-    versions deleted. Incomplete versions (an upload cut short) count as deletable."""
+    """Delete all but the newest ``keep`` versions, never the live one nor the canary;
+    returns the versions deleted. Incomplete versions (an upload cut short) count as
+    deletable."""
     if keep < 1:
         raise ArtifactError(f"--keep must be at least 1, not {keep}")
+    live = _live(store)
     try:
-        live: str | None = store.read_current()
+        canary = store.read_canary()
     except ArtifactError:
-        live = None
+        canary = None
     everything = store.versions()
     kept = set(everything[-keep:]) | ({live} if live else set())
+    if canary is not None:
+        kept.add(canary.version)
     doomed = [v for v in everything if v not in kept]
     for version in doomed:
         store.delete_version(version)
@@ -360,13 +496,18 @@ def gc(store: ArtifactStore, keep: int) -> list[str]:
 
 def summaries(store: ArtifactStore) -> list[dict[str, Any]]:
     """One summary per version, oldest first, from the manifests (unverified)."""
+    live = _live(store)
     try:
-        live: str | None = store.read_current()
+        canary = store.read_canary()
     except ArtifactError:
-        live = None
+        canary = None
     out: list[dict[str, Any]] = []
     for version in store.versions():
-        summary: dict[str, Any] = {"version": version, "current": version == live}
+        summary: dict[str, Any] = {
+            "version": version,
+            "current": version == live,
+            "canary_share": canary.share if canary and canary.version == version else None,
+        }
         try:
             manifest = store.manifest(version)
         except ArtifactError as exc:

@@ -41,7 +41,7 @@ from model.errors import RecstreamError
 from stream_worker.kafka_config import bootstrap_list, faust_broker_options, security_options
 from stream_worker.metrics import WorkerMetrics
 from stream_worker.pipeline import BatchProcessor, RawRecord
-from stream_worker.recommender import Recommender, VersionWatcher
+from stream_worker.recommender import Recommender, Serving, VersionWatcher
 from stream_worker.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -387,6 +387,12 @@ def create_app(settings: Settings, engine: Engine) -> WorkerContext:
             recommender.model_version, recommender.index_version, recommender.published_at
         )
 
+    def on_canary(serving: Serving) -> None:
+        canary = serving.canary
+        metrics.set_canary(
+            None if canary is None else (canary.loaded.version, canary.model_version, serving.share)
+        )
+
     setup_thread = functools.partial(limit_cpu_threads, settings.worker.cpu_threads)
     watcher = VersionWatcher(
         open_store(settings.artifacts.root, endpoint_url=settings.artifacts.endpoint_url),
@@ -396,6 +402,7 @@ def create_app(settings: Settings, engine: Engine) -> WorkerContext:
         cache_bytes=settings.worker.encoder_cache_mb * 2**20,
         thread_setup=setup_thread,
         cache_dir=settings.artifacts.cache_dir,
+        on_canary=on_canary,
     )
     active = watcher.active
     metrics.set_version(active.model_version, active.index_version, active.published_at)
@@ -490,14 +497,22 @@ class Probes:
             database = f"the database did not answer within {self.DATABASE_TIMEOUT_S:g}s"
         if database:
             problems.append(database)
-        current = self.watcher.active
+        serving = self.watcher.serving
+        current = serving.live
         body: dict[str, Any] = {
             "status": "not ready" if problems else "ready",
+            "version": current.loaded.version,
             "model_version": current.model_version,
             "index_version": current.index_version,
             "batches": self.consumer.batches,
             "records": self.consumer.records,
         }
+        if serving.canary is not None:
+            body["canary"] = {
+                "version": serving.canary.loaded.version,
+                "model_version": serving.canary.model_version,
+                "share": serving.share,
+            }
         if problems:
             body["problems"] = problems
         self.metrics.ready.set(0 if problems else 1)

@@ -323,7 +323,8 @@ def retrain(
 
 @app.command()
 def versions(artifacts: ArtifactsRootOpt = None) -> None:
-    """List the versions under the artifact root, oldest first; * marks CURRENT."""
+    """List the versions under the artifact root, oldest first; * marks CURRENT, ~ the
+    canary."""
     from model.artifact_store import summaries as version_summaries
 
     settings = load_settings()
@@ -337,7 +338,7 @@ def versions(artifacts: ArtifactsRootOpt = None) -> None:
 
     lines = [f"  {'version':<24} {'created':<26} {'model':<24} {'index':<14} valid_ndcg@10"]
     for s in summaries:
-        mark = "*" if s["current"] else " "
+        mark = "*" if s["current"] else ("~" if s.get("canary_share") else " ")
         if not s["complete"]:
             lines.append(f"{mark} {s['version']:<24} incomplete: {s['error']}")
             continue
@@ -363,19 +364,98 @@ def rollback(
 
 
 @app.command()
+def canary(
+    version: Annotated[
+        str | None, typer.Option("--version", help="Version to serve to a share of users.")
+    ] = None,
+    share: Annotated[
+        float | None,
+        typer.Option(help="Fraction of users it serves, between 0 and 1 (0.05: 5%)."),
+    ] = None,
+    stop: Annotated[bool, typer.Option("--stop", help="End the canary.")] = False,
+    artifacts: ArtifactsRootOpt = None,
+) -> None:
+    """Serve VERSION to a stable share of users beside CURRENT (workers follow within
+    ARTIFACTS__POLL_INTERVAL_S); --stop ends it; with no option, show it."""
+    from model.artifact_store import start_canary, stop_canary
+
+    settings = load_settings()
+    store = _store(settings, artifacts)
+    if stop:
+        if version is not None or share is not None:
+            raise ConfigError("--stop takes neither --version nor --share")
+        ended = stop_canary(store)
+        typer.echo(json.dumps({"canary": None, "stopped": ended and ended.version}))
+        return
+    if version is None and share is None:
+        running = store.read_canary()
+        shown = None if running is None else {"version": running.version, "share": running.share}
+        typer.echo(json.dumps({"current": store.read_current(), "canary": shown}))
+        return
+    if version is None or share is None:
+        raise ConfigError("a canary needs both --version V and --share P (or --stop)")
+    started = start_canary(store, version, share, settings.artifacts.cache_dir)
+    typer.echo(
+        json.dumps(
+            {
+                "current": store.read_current(),
+                "canary": {"version": started.version, "share": started.share},
+            }
+        )
+    )
+
+
+@app.command()
+def promote(artifacts: ArtifactsRootOpt = None) -> None:
+    """Make the canary the live version (CURRENT) and end it; workers follow."""
+    from model.artifact_store import promote as promote_canary
+
+    settings = load_settings()
+    promoted, previous = promote_canary(_store(settings, artifacts), settings.artifacts.cache_dir)
+    typer.echo(json.dumps({"current": promoted.version, "previous": previous}))
+
+
+@app.command()
 def gc(
     keep: Annotated[
         int, typer.Option(min=1, help="Newest versions to keep (the live one always).")
     ],
     artifacts: ArtifactsRootOpt = None,
 ) -> None:
-    """Delete old versions: all but the newest KEEP, never the one CURRENT names."""
+    """Delete old versions: all but the newest KEEP, never the one CURRENT names nor
+    the canary."""
     from model.artifact_store import gc as collect
 
     settings = load_settings()
     store = _store(settings, artifacts)
     deleted = collect(store, keep)
     typer.echo(json.dumps({"root": store.url, "deleted": deleted}))
+
+
+@app.command()
+def report(
+    url: Annotated[
+        str, typer.Option(help="A worker's metrics page.")
+    ] = "http://127.0.0.1:6066/metrics",
+    duration: Annotated[float, typer.Option(min=1, help="Seconds to watch.")] = 600,
+    every: Annotated[float, typer.Option(min=0.1, help="Seconds between scrapes.")] = 10,
+    out: Annotated[Path, typer.Option(help="The PNG to write.")] = Path("online_hr10.png"),
+) -> None:
+    """Watch a running worker: online HR@10 per model version over time, as a PNG (and
+    one line per scrape)."""
+    tool = _tool("report")
+
+    load_settings()
+
+    def show(sample: Any) -> None:
+        shown = ", ".join(f"{v} {hr:.3f}" for v, hr in sorted(sample.hr().items()))
+        typer.echo(f"{sample.seconds:7.1f}s  online HR@10: {shown or 'nothing scored yet'}")
+
+    samples = tool.record(url, duration, every, show)
+    if not tool.plot_online(samples, out, f"online HR@10 of {url}"):
+        raise ConfigError(f"no event was scored online in {duration:g}s: nothing to draw")
+    last = samples[-1].hr()
+    typer.echo(json.dumps({"png": str(out), "online_hr@10": last, "samples": len(samples)}))
 
 
 @app.command("settings")
@@ -641,6 +721,27 @@ def bench_incremental(
         cache_mb=cache_mb,
     )
     typer.echo(report)
+
+
+@bench_app.command("canary")
+def bench_canary(
+    dataset: DatasetOpt = None,
+    data_root: DataRootOpt = Path("../shared/data"),
+    events: Annotated[int, typer.Option(min=2, help="Events to serve per dataset.")] = 200_000,
+    share: Annotated[float, typer.Option(help="The canary's share of users.")] = 0.1,
+    cache_mb: Annotated[int, typer.Option(min=1, help="The encoder caches' one budget.")] = 256,
+    max_len: Annotated[int, typer.Option(min=1, help="The models' max_len.")] = 200,
+    out: BenchOutOpt = Path("bench-out/canary"),
+) -> None:
+    """Memory of one process serving real events: live version alone, then with a canary."""
+    run_canary_memory = _tool("bench.canary").run_canary_memory
+
+    load_settings()
+    reports = [
+        run_canary_memory(name, data_root, events, share, cache_mb, max_len, out)
+        for name in _datasets(dataset)
+    ]
+    typer.echo("\n\n".join(reports))
 
 
 @bench_app.command("encoder")

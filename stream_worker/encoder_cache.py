@@ -110,6 +110,13 @@ class EncoderCache:
             _, (_, evicted) = self._entries.popitem(last=False)
             self.bytes -= evicted
 
+    def resize(self, max_bytes: int) -> None:
+        """A new budget; the least recently used entries go until the rest fit."""
+        self.max_bytes = max_bytes
+        while self.bytes > self.max_bytes:
+            _, (_, evicted) = self._entries.popitem(last=False)
+            self.bytes -= evicted
+
     def drop(self, user: str) -> None:
         old = self._entries.pop(user, None)
         if old is not None:

@@ -135,6 +135,13 @@ class WorkerMetrics:
             "Seconds since the serving model version was published (its manifest's created).",
             registry=r,
         )
+        self.canary_share = Gauge(
+            "recstream_canary_share",
+            "Share of users served the canary version (recstream canary); absent when none "
+            "runs. Its recommendations and online scores carry its model_version.",
+            ["version", "model_version"],
+            registry=r,
+        )
         self.version_max_age = Gauge(
             "recstream_serving_version_max_age_seconds",
             "ARTIFACTS__MAX_AGE_S: the serving version's age past which it is stale.",
@@ -154,6 +161,13 @@ class WorkerMetrics:
         """The serving versions, and when the model version was published (epoch s)."""
         self.version.info({"model_version": model_version, "index_version": index_version})
         self.version_age.set_function(lambda: max(0.0, time.time() - created))
+
+    def set_canary(self, canary: tuple[str, str, float] | None) -> None:
+        """The canary (version, model version, share) serving now, or None."""
+        self.canary_share.clear()
+        if canary is not None:
+            version, model_version, share = canary
+            self.canary_share.labels(version, model_version).set(share)
 
     def watch_gc(self) -> Callable[[], None]:
         """Record every garbage collection's pause from now on; returns the function

@@ -31,7 +31,7 @@ from stream_worker.events import (
     recommendation_value,
 )
 from stream_worker.metrics import WorkerMetrics
-from stream_worker.recommender import Recommender, StageTimes, VersionWatcher
+from stream_worker.recommender import Ranked, Recommender, Serving, StageTimes, VersionWatcher
 from stream_worker.settings import Settings
 from stream_worker.store import (
     AppliedBatch,
@@ -123,8 +123,8 @@ class BatchProcessor:
 
     def _process(self, records: Sequence[RawRecord]) -> BatchOutput:
         out = BatchOutput()
-        # One version per batch: a swap staged meanwhile applies to the next batch.
-        recommender = self.watcher.current()
+        # One set of versions per batch: a swap staged meanwhile applies to the next.
+        serving = self.watcher.current()
         t0 = time.perf_counter()
         events: list[ClickEvent] = []
         now = self.now_ms()
@@ -136,7 +136,7 @@ class BatchProcessor:
                 events.append(decoded)
         t1 = time.perf_counter()
         applied = None
-        answer = _Answer(self, recommender, events)
+        answer = _Answer(self, serving, events)
         if records:
             # Where each partition stands after this batch, bad records included
             # (records come in offset order within a partition).
@@ -154,7 +154,7 @@ class BatchProcessor:
                 answer(applied)
             out.recommendations = answer.records
             self._score_online(applied)
-            self._count_published(recommender, answer)
+            self._count_published(serving, answer)
         t3 = time.perf_counter()
         answer_ms = answer.seconds * 1000
         # The answer runs inside the database transaction: its time is not the db stage's.
@@ -168,8 +168,9 @@ class BatchProcessor:
         self.metrics.batch_size.observe(len(records))
         for kind, count in times.reuse.items():
             self.metrics.encoded.labels(kind).inc(count)
-        if recommender.cache is not None:
-            self.metrics.encoder_cache_bytes.set(recommender.cache.bytes)
+        self.metrics.encoder_cache_bytes.set(
+            sum(r.cache.bytes for r in serving.recommenders if r.cache is not None)
+        )
         for stage, ms in out.stages_ms.items():
             self.metrics.stage_ms.labels(stage).observe(ms)
         return out
@@ -196,31 +197,34 @@ class BatchProcessor:
                 self.metrics.online_hits.labels(version, str(k)).inc(hits.hits[k])
                 self.metrics.online_ndcg.labels(version, str(k)).inc(hits.gains[k])
 
-    def _count_published(self, recommender: Recommender, answer: "_Answer") -> None:
-        version = recommender.model_version
-        fallbacks = len(answer.fallback_users)
-        self.metrics.recommendations.labels(version, "popularity").inc(fallbacks)
-        self.metrics.recommendations.labels(version, "model").inc(len(answer.records) - fallbacks)
-        covered = self._covered.setdefault(version, set())
-        for rec in answer.last.values():
-            covered.update(rec.items[: self.settings.worker.top_k])
-        while len(self._covered) > 3:  # versions long gone
+    def _count_published(self, serving: Serving, answer: "_Answer") -> None:
+        for (version, source), count in answer.published.items():
+            self.metrics.recommendations.labels(version, source).inc(count)
+        top_k = self.settings.worker.top_k
+        for recommender in serving.recommenders:
+            version = recommender.model_version
+            covered = self._covered.setdefault(version, set())
+            for rec in answer.last.values():
+                if rec.model_version == version:
+                    covered.update(rec.items[:top_k])
+            self.metrics.online_coverage.labels(version).set(
+                len(covered) / max(1, recommender.num_items)
+            )
+        while len(self._covered) > 4:  # versions long gone
             old = next(iter(self._covered))
             del self._covered[old]
             self.metrics.online_coverage.remove(old)
-        self.metrics.online_coverage.labels(version).set(
-            len(covered) / max(1, recommender.num_items)
-        )
 
     def recommend_batch(
         self,
-        recommender: Recommender,
+        serving: Serving,
         events: Sequence[ClickEvent],
         applied: AppliedBatch,
         times: StageTimes,
-    ) -> tuple[list[tuple[bytes, bytes]], dict[str, LastRecommendation]]:
-        """The records to publish for a batch, and per user what they carry (its top
-        ``max(top_k, 10)`` items, kept in the state for online scoring)."""
+    ) -> "Answered":
+        """The records to publish for a batch, each user's from the version that serves
+        it (``Serving.route``), and per user what they carry (its top ``max(top_k, 10)``
+        items, kept in the state for online scoring)."""
         k = max(self.settings.worker.top_k, max(self.online_ks))
         sequences = dict(applied.sequences)
         last_event = dict(applied.last_event)
@@ -232,25 +236,26 @@ class BatchProcessor:
             for user, event in replayed.items():
                 last_event.setdefault(user, event)
         if self.settings.worker.emit_per_event:
-            return self._recommend_per_event(applied, sequences, recommender, k, times)
-        ranked = recommender.recommend(sequences, k, times, {user: user for user in sequences})
-        produced = self.now_ms()
-        out = []
-        last = {}
-        for user, items in ranked.items():
-            event = last_event[user]
-            out.append(self._record(user, items, recommender, event, produced))
-            last[user] = LastRecommendation([i for i, _ in items], recommender.model_version)
-        return out, last
+            return self._recommend_per_event(applied, sequences, serving, k, times)
+        answered = Answered()
+        for recommender, users in serving.split(sequences):
+            ranked = recommender.recommend(
+                {user: sequences[user] for user in users}, k, times, {user: user for user in users}
+            )
+            produced = self.now_ms()
+            for user, items in ranked.items():
+                record = self._record(user, items, recommender, last_event[user], produced)
+                answered.add(user, record, items, recommender, user in times.fallbacks)
+        return answered
 
     def _recommend_per_event(
         self,
         applied: AppliedBatch,
         sequences: dict[str, list[str]],
-        recommender: Recommender,
+        serving: Serving,
         k: int,
         times: StageTimes,
-    ) -> tuple[list[tuple[bytes, bytes]], dict[str, LastRecommendation]]:
+    ) -> "Answered":
         # The state after each event is the final state without the user's later items
         # of this batch.
         remaining: dict[str, int] = {}
@@ -266,16 +271,19 @@ class BatchProcessor:
             states[key] = full[: len(full) - remaining[event.user_id]]
             users[key] = event.user_id
             order.append((key, event))
-        ranked = recommender.recommend(states, k, times, users)
+        ranked: dict[str, Ranked] = {}
+        served: dict[str, Recommender] = {}
+        for recommender, keys in serving.split(states, users):
+            ranked |= recommender.recommend({key: states[key] for key in keys}, k, times, users)
+            served |= dict.fromkeys(keys, recommender)
         produced = self.now_ms()
-        times.fallbacks = {users[key] for key in times.fallbacks}
-        records = []
-        last = {}
+        answered = Answered()
         for key, event in order:
-            records.append(self._record(event.user_id, ranked[key], recommender, event, produced))
-            items = [i for i, _ in ranked[key]]
-            last[event.user_id] = LastRecommendation(items, recommender.model_version)
-        return records, last
+            recommender, items = served[key], ranked[key]
+            record = self._record(event.user_id, items, recommender, event, produced)
+            answered.add(event.user_id, record, items, recommender, key in times.fallbacks)
+        times.fallbacks = {users[key] for key in times.fallbacks}
+        return answered
 
     def _record(
         self,
@@ -300,33 +308,64 @@ class BatchProcessor:
         return user.encode(), value
 
 
+@dataclass
+class Answered:
+    """A batch's recommendations: the records in publishing order, each user's last list
+    (for online scoring) and the records per (model version, source)."""
+
+    records: list[tuple[bytes, bytes]] = field(default_factory=list)
+    last: dict[str, LastRecommendation] = field(default_factory=dict)
+    published: dict[tuple[str, str], int] = field(default_factory=dict)
+
+    def add(
+        self,
+        user: str,
+        record: tuple[bytes, bytes],
+        items: Ranked,
+        recommender: Recommender,
+        fallback: bool,
+    ) -> None:
+        version = recommender.model_version
+        self.records.append(record)
+        self.last[user] = LastRecommendation([i for i, _ in items], version)
+        key = (version, "popularity" if fallback else "model")
+        self.published[key] = self.published.get(key, 0) + 1
+
+
 class _Answer:
     """The batch's answer, computed inside its database transaction (``apply_batch``
     calls it; again if the transaction is retried, so each call starts afresh)."""
 
     def __init__(
-        self, processor: BatchProcessor, recommender: Recommender, events: Sequence[ClickEvent]
+        self, processor: BatchProcessor, serving: Serving, events: Sequence[ClickEvent]
     ) -> None:
         self.processor = processor
-        self.recommender = recommender
+        self.serving = serving
         self.events = events
         self.times = StageTimes()
-        self.records: list[tuple[bytes, bytes]] = []
-        self.last: dict[str, LastRecommendation] = {}
+        self.answered = Answered()
         self.seconds = 0.0
 
     @property
-    def fallback_users(self) -> set[str]:
-        return self.times.fallbacks
+    def records(self) -> list[tuple[bytes, bytes]]:
+        return self.answered.records
+
+    @property
+    def last(self) -> dict[str, LastRecommendation]:
+        return self.answered.last
+
+    @property
+    def published(self) -> dict[tuple[str, str], int]:
+        return self.answered.published
 
     def __call__(self, applied: AppliedBatch) -> dict[str, LastRecommendation]:
         started = time.perf_counter()
         self.times = StageTimes()
-        self.records, self.last = self.processor.recommend_batch(
-            self.recommender, self.events, applied, self.times
+        self.answered = self.processor.recommend_batch(
+            self.serving, self.events, applied, self.times
         )
         self.seconds = time.perf_counter() - started
-        return self.last
+        return self.answered.last
 
 
 @dataclass

@@ -4,10 +4,11 @@ Pure ranking (``top_k_unseen``, ``popular_unseen``) is kept apart from the runti
 holds the TorchScript encoder and the FAISS index, so it is tested without either.
 """
 
+import hashlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -16,7 +17,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from model.artifact_store import ArtifactStore, fetch, prune_cache
+from model.artifact_store import ArtifactStore, Canary, fetch, prune_cache
 from model.artifacts import LoadedVersion, list_versions, load_version
 from model.errors import ArtifactError
 from model.index import ExactScorer, search, to_device
@@ -333,12 +334,61 @@ class Recommender:
         return out
 
 
-class VersionWatcher:
-    """Follows ``CURRENT``: loads and verifies a new version in a background thread and
-    hands it over at the next ``current()`` call, i.e. between batches.
+def in_canary(user: str, version: str, share: float) -> bool:
+    """Whether the canary ``version`` at ``share`` serves ``user``: a hash of the two
+    against the share. Stable (a user stays on one side for the canary's life), a
+    larger share only adds users, and each canary version draws its own users."""
+    key = f"{version}\x00{user}".encode("utf-8", "surrogatepass")
+    digest = hashlib.blake2b(key, digest_size=8).digest()
+    return int.from_bytes(digest, "big") < share * 2**64
 
-    A version that fails to load is logged and refused; the old one keeps serving, and
-    the broken version is not retried until ``CURRENT`` names something else.
+
+@dataclass(frozen=True, eq=False)
+class Serving:
+    """What serves a batch: the live version and, while a canary runs, the canary for
+    ``share`` of the users (``in_canary``)."""
+
+    live: Recommender
+    canary: Recommender | None = None
+    share: float = 0.0
+
+    @property
+    def recommenders(self) -> list[Recommender]:
+        return [self.live] if self.canary is None else [self.live, self.canary]
+
+    def route(self, user: str) -> Recommender:
+        canary = self.canary
+        if canary is not None and in_canary(user, canary.loaded.version, self.share):
+            return canary
+        return self.live
+
+    def split(
+        self, keys: Iterable[str], user_of: Mapping[str, str] | None = None
+    ) -> list[tuple[Recommender, list[str]]]:
+        """The keys (users, or ``user_of`` names each key's user) grouped by the version
+        that serves their user, live first, each group in the order given; versions that
+        serve none of them are left out."""
+        groups: dict[int, list[str]] = {id(r): [] for r in self.recommenders}
+        for key in keys:
+            groups[id(self.route(key if user_of is None else user_of[key]))].append(key)
+        return [(r, groups[id(r)]) for r in self.recommenders if groups[id(r)]]
+
+    def same_as(self, other: "Serving") -> bool:
+        """The same loaded versions at the same share (recommenders compared by identity)."""
+        return self.live is other.live and self.canary is other.canary and self.share == other.share
+
+
+class VersionWatcher:
+    """Follows ``CURRENT`` and ``CANARY``: loads and verifies new versions in a
+    background thread and hands them over at the next ``current()`` call, i.e. between
+    batches.
+
+    A version that fails to load is logged and refused; what served keeps serving, and
+    the broken version is not retried while it stays named. A promoted canary (CURRENT
+    now names it) is already loaded: it becomes the live version without a reload.
+
+    The encoder caches share one budget: the canary's is ``share`` of it, the live
+    version's the rest, so a canary adds only its model and index to memory.
     """
 
     def __init__(
@@ -350,83 +400,146 @@ class VersionWatcher:
         cache_bytes: int = 0,
         thread_setup: Callable[[], None] | None = None,
         cache_dir: Path = Path("var/artifacts-cache"),
+        on_canary: Callable[[Serving], None] | None = None,
     ) -> None:
         self.store = store
         self.cache_dir = cache_dir  # local copies of a bucket's versions
         self.device = device
         self.poll_interval_s = poll_interval_s
         self.on_swap = on_swap
+        self.on_canary = on_canary
         # Run first in the watcher's thread, which loads and warms up new versions.
         self.thread_setup = thread_setup
         # Each version gets its own encoder cache: keys and values of another model's
         # weights mean nothing to it.
         self.cache_bytes = cache_bytes
-        self._active = self._load(store.read_current())
-        self._pending: Recommender | None = None
-        self._refused: str | None = None
+        self._serving = Serving(self._load(store.read_current()))
+        self._staged: Serving | None = None
+        self._refused: set[str] = set()
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         logger.info(
-            "serving model %s, index %s", self._active.model_version, self._active.index_version
+            "serving model %s, index %s", self.active.model_version, self.active.index_version
         )
+        # A restarted worker serves a running canary from its first batch.
+        if self.check_once():
+            self.current()
 
-    def _load(self, version: str) -> Recommender:
+    def _load(self, version: str, cache_bytes: int | None = None) -> Recommender:
         """Load ``version``: verified, from the store (a bucket's through the local
-        cache, which then keeps this version and the two before it)."""
+        cache, which then keeps the versions serving and the two before the newest)."""
         root = fetch(self.store, version, self.cache_dir)
-        recommender = Recommender.load(root, version, self.device, self.cache_bytes)
+        budget = self.cache_bytes if cache_bytes is None else cache_bytes
+        recommender = Recommender.load(root, version, self.device, budget)
         if root == self.cache_dir:
+            serving = getattr(self, "_serving", None)
+            held = [r.loaded.version for r in serving.recommenders] if serving else []
             others = sorted((v for v in list_versions(root) if v != version), reverse=True)
-            prune_cache(self.cache_dir, [version, *others[:2]])
+            prune_cache(self.cache_dir, [version, *held, *others[:2]])
         return recommender
+
+    def _try_load(self, version: str, cache_bytes: int | None = None) -> Recommender | None:
+        if version in self._refused:
+            return None
+        try:
+            return self._load(version, cache_bytes)
+        except (ArtifactError, RuntimeError, OSError) as exc:
+            self._refused.add(version)
+            logger.error(
+                "refusing version %s, still serving %s: %s",
+                version,
+                ", ".join(r.loaded.version for r in self._serving.recommenders),
+                exc,
+            )
+            return None
 
     @property
     def active(self) -> Recommender:
-        """The version serving now, without swapping."""
-        return self._active
+        """The live version serving now, without swapping."""
+        return self._serving.live
 
-    def current(self) -> Recommender:
-        """The version to use for the next batch (swapping in a loaded one, if any)."""
+    @property
+    def serving(self) -> Serving:
+        """The versions serving now, without swapping."""
+        return self._serving
+
+    def current(self) -> Serving:
+        """The versions to use for the next batch (swapping in staged ones, if any)."""
         with self._lock:
-            if self._pending is not None:
-                old, self._active, self._pending = self._active, self._pending, None
+            staged, self._staged = self._staged, None
+        if staged is None:
+            return self._serving
+        old, self._serving = self._serving, staged
+        self._fit_caches(staged)
+        if staged.live is not old.live:
+            logger.info(
+                "swapped version %s -> %s (model %s, index %s)",
+                old.live.loaded.version,
+                staged.live.loaded.version,
+                staged.live.model_version,
+                staged.live.index_version,
+            )
+            if self.on_swap:
+                self.on_swap(staged.live)
+        if staged.canary is not old.canary or staged.share != old.share:
+            if staged.canary is None:
+                logger.info("canary ended: every user is served %s", staged.live.loaded.version)
+            else:
                 logger.info(
-                    "swapped version %s -> %s (model %s, index %s)",
-                    old.loaded.version,
-                    self._active.loaded.version,
-                    self._active.model_version,
-                    self._active.index_version,
+                    "canary %s serves %.1f%% of users beside %s",
+                    staged.canary.loaded.version,
+                    100 * staged.share,
+                    staged.live.loaded.version,
                 )
-                if self.on_swap:
-                    self.on_swap(self._active)
-            return self._active
+            if self.on_canary:
+                self.on_canary(staged)
+        return staged
+
+    def _fit_caches(self, serving: Serving) -> None:
+        """One encoder-cache budget for both versions: the canary's share, the rest live."""
+        canary_bytes = int(self.cache_bytes * serving.share) if serving.canary else 0
+        if serving.live.cache is not None:
+            serving.live.cache.resize(self.cache_bytes - canary_bytes)
+        if serving.canary is not None and serving.canary.cache is not None:
+            serving.canary.cache.resize(canary_bytes)
 
     def check_once(self) -> bool:
-        """Load the version CURRENT names if it is new; True when one is staged."""
+        """Load what CURRENT and CANARY name if it is new; True when a change is staged."""
         try:
             wanted = self.store.read_current()
         except ArtifactError as exc:
             logger.warning("cannot read CURRENT: %s", exc)
             return False
         with self._lock:
-            staged = self._pending.loaded.version if self._pending else None
-        if wanted in {self._active.loaded.version, staged, self._refused}:
-            return False
+            base = self._staged or self._serving
         try:
-            candidate = self._load(wanted)
-        except (ArtifactError, RuntimeError, OSError) as exc:
-            self._refused = wanted
-            logger.error(
-                "refusing version %s, still serving %s: %s",
-                wanted,
-                self._active.loaded.version,
-                exc,
+            canary: Canary | None = self.store.read_canary()
+        except ArtifactError as exc:
+            logger.warning("cannot read CANARY, keeping the canary as it is: %s", exc)
+            canary = (
+                Canary(base.canary.loaded.version, base.share) if base.canary is not None else None
             )
+        if canary is not None and canary.version == wanted:
+            canary = None  # promoted: CURRENT names it already
+        # Refused versions are tried again once they are named anew.
+        self._refused &= {wanted, canary.version if canary else wanted}
+        loaded = {r.loaded.version: r for r in base.recommenders}
+        live = loaded.get(wanted) or self._try_load(wanted) or base.live
+        canary_rec = None
+        if canary is not None:
+            canary_rec = loaded.get(canary.version) or self._try_load(
+                canary.version, int(self.cache_bytes * canary.share)
+            )
+        staged = Serving(live, canary_rec, canary.share if canary and canary_rec else 0.0)
+        if staged.same_as(base):
             return False
         with self._lock:
-            self._pending = candidate
-        logger.info("version %s loaded and verified; swapping at the next batch", wanted)
+            self._staged = staged
+        logger.info(
+            "versions %s loaded and verified; serving them from the next batch",
+            ", ".join(r.loaded.version for r in staged.recommenders),
+        )
         return True
 
     def start(self) -> None:

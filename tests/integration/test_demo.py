@@ -36,3 +36,5 @@ def test_the_demo_streams_recommendations(tmp_path: Path, broker: str) -> None:
     online = re.search(r"online HR@10 of (\S+): ([0-9.]+)", out)
     assert online is not None, out
     assert 0 <= float(online.group(2)) <= 1
+    # ... and drawn over time.
+    assert (tmp_path / "demo" / "online_hr10.png").read_bytes().startswith(b"\x89PNG")

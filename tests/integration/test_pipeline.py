@@ -4,6 +4,7 @@ import json
 import logging
 import math
 import queue
+import shutil
 import time
 import warnings
 from pathlib import Path
@@ -14,7 +15,7 @@ import pytest
 import torch
 from sqlalchemy import select
 
-from model.artifact_store import LocalStore
+from model.artifact_store import LocalStore, promote, start_canary, switch
 from model.artifacts import VersionContents, load_version, publish_version
 from model.config import IndexConfig
 from stream_worker.app import create_app
@@ -25,6 +26,7 @@ from stream_worker.recommender import (
     Recommender,
     StageTimes,
     VersionWatcher,
+    in_canary,
     length_buckets,
     search_depth,
 )
@@ -339,3 +341,117 @@ def stored_last(proc: BatchProcessor) -> dict[str, tuple[list[str], str]]:
     with proc.engine.connect() as conn:
         rows = conn.execute(select(c.user_id, c.last_recommended, c.last_model_version))
         return {user: (list(items), str(version)) for user, items, version in rows}
+
+
+# ------------------------------------------------------------------------------ canary
+
+
+@pytest.fixture(scope="module")
+def two_versions(tmp_path_factory: pytest.TempPathFactory) -> tuple[TinyModel, TinyModel]:
+    """(live, candidate): two models trained with different seeds into one root,
+    CURRENT on the live one."""
+    root = tmp_path_factory.mktemp("two-versions")
+    candidate = publish_tiny_model(root, seed=1)
+    live = publish_tiny_model(root, seed=0)  # published last: CURRENT names it
+    return live, candidate
+
+
+def canary_processor(root: Path, tmp_path: Path, **worker: object) -> BatchProcessor:
+    url = f"sqlite:///{tmp_path / 'state.db'}"
+    run_migrations(url)
+    settings = Settings.model_validate({"worker": {"top_k": 5, **worker}})
+    watcher = VersionWatcher(LocalStore(root), "cpu", 60.0, cache_bytes=2**22)
+    return BatchProcessor(settings, make_engine(url), watcher, WorkerMetrics())
+
+
+@pytest.mark.parametrize("emit_per_event", [False, True])
+def test_a_canary_serves_its_users_and_is_scored_and_promoted_apart(
+    two_versions: tuple[TinyModel, TinyModel], tmp_path: Path, emit_per_event: bool
+) -> None:
+    """Each user gets the top-K of the version that serves it (a stable hash share),
+    tagged with that version; online scores are kept per version; the two encoder caches
+    share one budget; a promoted canary serves everyone without being loaded again."""
+    live, candidate = two_versions
+    store = LocalStore(live.root)
+    start_canary(store, candidate.version, 0.4, tmp_path / "cache")
+    try:
+        proc = canary_processor(live.root, tmp_path, emit_per_event=emit_per_event)
+        serving = proc.watcher.serving
+        assert serving.canary is not None and serving.share == 0.4
+        assert serving.live.cache is not None and serving.canary.cache is not None
+        assert serving.live.cache.max_bytes + serving.canary.cache.max_bytes == 2**22
+        users = [f"u{n}" for n in range(40)]
+        walks = {
+            user: [f"item-{(n * 7 + t) % 40}" for t in range(3)] for n, user in enumerate(users)
+        }
+        expected = {
+            user: candidate if in_canary(user, candidate.version, 0.4) else live for user in users
+        }
+        assert 0 < sum(m is candidate for m in expected.values()) < len(users)
+        # Two clicks per user, then a third: the third is scored against the second's list.
+        first = [(f"{u}-{t}", u, walks[u][t]) for t in range(2) for u in users]
+        out = proc.process(records(first))
+        per_user = 2 if emit_per_event else 1
+        assert len(out.recommendations) == per_user * len(users)
+        for _, value in out.recommendations:
+            rec = json.loads(value)
+            model = expected[rec["user_id"]]
+            assert rec["model_version"] == model.version
+            n = int(rec["source_event_id"].rsplit("-", 1)[1]) + 1
+            want = model.offline_top_k(walks[rec["user_id"]][:n], 5)
+            assert [i["item_id"] for i in rec["items"]] == want, rec
+        proc.process(records([(f"{u}-2", u, walks[u][2]) for u in users], len(first)))
+        for model in (live, candidate):
+            scored = sample(proc.metrics, "recstream_online_scored_total",
+                            model_version=model.version)  # fmt: skip
+            assert scored == sum(m is model for m in expected.values())
+            assert sample(proc.metrics, "recstream_online_coverage",
+                          model_version=model.version) > 0  # fmt: skip
+        stored = stored_last(proc)
+        assert {u: v for u, (_, v) in stored.items()} == {u: m.version for u, m in expected.items()}
+
+        loaded_canary = serving.canary
+        promote(store, tmp_path / "cache")
+        assert proc.watcher.check_once()
+        out = proc.process(records([(f"{u}-3", u, walks[u][0]) for u in users], 2 * len(first)))
+        assert {json.loads(v)["model_version"] for _, v in out.recommendations} == {
+            candidate.version
+        }
+        now = proc.watcher.serving
+        assert now.live is loaded_canary and now.canary is None  # not loaded again
+        assert now.live.cache is not None and now.live.cache.max_bytes == 2**22
+    finally:
+        switch(store, live.version, tmp_path / "cache")
+        store.write_canary(None)
+
+
+def test_a_broken_canary_is_refused_and_a_stopped_one_ends(
+    two_versions: tuple[TinyModel, TinyModel], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    live, candidate = two_versions
+    store = LocalStore(live.root)
+    proc = canary_processor(live.root, tmp_path)
+    try:
+        start_canary(store, candidate.version, 0.5, tmp_path / "cache")
+        assert proc.watcher.check_once()
+        proc.process(records([("e1", "u", "item-1")]))
+        assert proc.watcher.serving.canary is not None
+        store.write_canary(None)  # recstream canary --stop
+        assert proc.watcher.check_once()
+        out = proc.process(records([(f"e{n}", f"u{n}", "item-1") for n in range(20)], 1))
+        assert {json.loads(v)["model_version"] for _, v in out.recommendations} == {live.version}
+        assert proc.watcher.serving.canary is None
+        # A canary whose files no longer match their checksums is refused; the live
+        # version keeps serving everyone.
+        broken = tmp_path / "broken-root"
+        shutil.copytree(live.root, broken)
+        start_canary(LocalStore(broken), candidate.version, 0.5, tmp_path / "cache")
+        (broken / candidate.version / "items.json").write_text('["<pad>"]')
+        with caplog.at_level(logging.ERROR):
+            watcher = VersionWatcher(LocalStore(broken), "cpu", 60.0)
+        assert watcher.serving.canary is None
+        assert watcher.serving.live.loaded.version == live.version
+        assert f"refusing version {candidate.version}" in caplog.text
+        assert not watcher.check_once()  # not retried while it stays named
+    finally:
+        store.write_canary(None)

@@ -27,7 +27,8 @@ from model.data import build_sequence_data, load_interactions
 from model.errors import ConfigError
 from model.pipeline import load_training_data, train_and_publish
 from recstream_tools.kafka import KafkaCluster
-from recstream_tools.probe import free_port, page, wait_ready
+from recstream_tools.probe import HOST, free_port, wait_ready
+from recstream_tools.report import Recorder, plot_online
 from recstream_tools.tansu import LocalBroker
 from stream_worker.errors import BrokerError, WorkerError
 from stream_worker.produce import (
@@ -146,20 +147,25 @@ def run_demo(
             producer = KafkaProducer(bootstrap_servers=run.bootstrap, linger_ms=5)
             started = time.monotonic()
             print(f"replaying {len(plan)} clicks at {rate or 'max'} events/s...", flush=True)
-            sent = send_events(producer, topics.events, plan, rate=rate, progress=False)
-            for bad in MALFORMED:
-                producer.send(topics.events, value=bad)
-            producer.flush()
-            producer.close()
-            deadline = time.monotonic() + 60
-            expected_users = len({p.user_id for p in plan})
-            while time.monotonic() < deadline and (
-                len(stats.users) < expected_users or stats.dead_letters < len(MALFORMED)
-            ):
-                time.sleep(0.2)
-            elapsed = time.monotonic() - started
-            stats.online = online_hr(page(run.port, "/metrics")[1])
+            # The worker's online HR@10, scraped every half second while it runs.
+            with Recorder(f"http://{HOST}:{run.port}/metrics", 0.5) as recorder:
+                sent = send_events(producer, topics.events, plan, rate=rate, progress=False)
+                for bad in MALFORMED:
+                    producer.send(topics.events, value=bad)
+                producer.flush()
+                producer.close()
+                deadline = time.monotonic() + 60
+                expected_users = len({p.user_id for p in plan})
+                while time.monotonic() < deadline and (
+                    len(stats.users) < expected_users or stats.dead_letters < len(MALFORMED)
+                ):
+                    time.sleep(0.2)
+                elapsed = time.monotonic() - started
+            stats.online = recorder.samples[-1].hr() if recorder.samples else {}
             _print_summary(sent, elapsed, stats)
+            plot = workdir / "online_hr10.png"
+            if plot_online(recorder.samples, plot, "recstream demo: online HR@10"):
+                print(f"online HR@10 over time: {plot}", flush=True)
         finally:
             stop.set()
             if consumer.is_alive():
@@ -220,22 +226,6 @@ def local_worker(
                 worker.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 worker.kill()
-
-
-def online_hr(metrics_text: str, k: int = 10) -> dict[str, float]:
-    """Online HR@k per model version, from a worker's /metrics."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    scored: dict[str, float] = {}
-    hits: dict[str, float] = {}
-    for family in text_string_to_metric_families(metrics_text):
-        for sample in family.samples:
-            version = sample.labels.get("model_version", "")
-            if sample.name == "recstream_online_scored_total":
-                scored[version] = sample.value
-            elif sample.name == "recstream_online_hits_total" and sample.labels["k"] == str(k):
-                hits[version] = sample.value
-    return {v: hits.get(v, 0.0) / n for v, n in scored.items() if n}
 
 
 def _wait_for_worker(
