@@ -12,15 +12,17 @@ model and index.
 
 import json
 import logging
+import multiprocessing
 import os
 import tempfile
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tqdm import tqdm
 
-from model.artifact_store import LocalStore, start_canary
+from model.artifact_store import Canary, LocalStore, start_canary
 from model.artifacts import list_versions, read_current
 from recstream_tools.bench.e2e import load_replay, proc_status_mib, publish_bench_model
 from stream_worker.recommender import Serving, VersionWatcher
@@ -101,6 +103,28 @@ def run_canary_memory(
     max_len: int,
     out_dir: Path,
 ) -> str:
+    """Measured in a fresh process, so that no earlier run's memory is counted."""
+    Canary("probe", share)  # a bad share fails here, before any loading
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as pool:
+        report: str = pool.submit(
+            _measure, dataset, data_root, events, share, cache_mb, max_len, out_dir
+        ).result()
+    return report
+
+
+def _measure(
+    dataset: str,
+    data_root: Path,
+    events: int,
+    share: float,
+    cache_mb: int,
+    max_len: int,
+    out_dir: Path,
+) -> str:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     replay = load_replay(dataset, data_root, events)
     with tempfile.TemporaryDirectory(prefix="recstream-canary-bench-") as tmp:
         root = Path(tmp)
