@@ -34,6 +34,7 @@ ITEMS = "items.json"
 INDEX = "index.faiss"
 MANIFEST = "manifest.json"
 CURRENT = "CURRENT"
+PROJECTION = "text_projection.npz"  # item text -> item embedding (versions trained with items)
 FORMAT_VERSION = 1
 
 
@@ -154,7 +155,14 @@ def rebuild_index(root: Path, version: str, index_cfg: IndexConfig, *, switch: b
         }
         | {"model_version": source.model_version},
     )
-    return publish_version(root, contents, index_cfg, switch=switch)
+    # A version's text projection goes with its model, so new items can still be added.
+    projection = root / version / PROJECTION
+
+    def copy_projection(path: Path) -> None:
+        shutil.copyfile(projection, path)
+
+    extra = {PROJECTION: copy_projection} if projection.is_file() else None
+    return publish_version(root, contents, index_cfg, switch=switch, extra_files=extra)
 
 
 def switch_current(root: Path, version: str) -> None:

@@ -6,7 +6,7 @@ return plain results, so tests drive them directly.
 
 import hashlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -14,7 +14,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from model.artifacts import LoadedVersion, VersionContents, load_version, publish_version
+from model.artifacts import (
+    PROJECTION,
+    LoadedVersion,
+    VersionContents,
+    load_version,
+    publish_version,
+)
 from model.config import IndexConfig, TrainConfig
 from model.data import (
     InteractionLog,
@@ -61,10 +67,14 @@ def train_and_publish(
     *,
     progress: bool = True,
     switch: bool = True,
+    item_texts: Mapping[str, str] | None = None,
 ) -> PublishedModel:
-    """Train SASRec on ``data`` and publish a complete, servable version under ``out``."""
+    """Train SASRec on ``data`` and publish a complete, servable version under ``out``;
+    with ``item_texts`` (item id -> text), its text tower too (``model.item_text``)."""
     result = train_sasrec(data, train_cfg, progress=progress)
-    version = publish_trained(result, data, data_info, out, train_cfg, index_cfg, switch=switch)
+    version = publish_trained(
+        result, data, data_info, out, train_cfg, index_cfg, switch=switch, item_texts=item_texts
+    )
     return PublishedModel(version, result)
 
 
@@ -78,6 +88,7 @@ def publish_trained(
     *,
     switch: bool = True,
     extra_info: Mapping[str, Any] | None = None,
+    item_texts: Mapping[str, str] | None = None,
 ) -> str:
     """Publish a trained model as a complete version under ``out``; returns its name.
 
@@ -110,21 +121,26 @@ def publish_trained(
         },
         **(extra_info or {}),
     }
+    embeddings = model.item_embeddings().detach().numpy().copy()
+    extra: dict[str, Callable[[Path], None]] = {
+        CURVE: lambda path: plot_training_curve(result.history, path)
+    }
+    if item_texts is not None:
+        from model.item_text import fit_text_tower
+
+        tower = fit_text_tower(data.item_ids, embeddings, dict(item_texts))
+        info["text_tower"] = tower.info
+        extra[PROJECTION] = tower.projection.save
     contents = VersionContents(
         encoder=script_encoder(model),
-        item_embeddings=model.item_embeddings().detach().numpy().copy(),
+        item_embeddings=embeddings,
         item_ids=data.item_ids,
         max_len=train_cfg.max_len,
         popularity=popularity,
         info=info,
     )
 
-    def write_curve(path: Path) -> None:
-        plot_training_curve(result.history, path)
-
-    return publish_version(
-        out, contents, index_cfg, switch=switch, extra_files={CURVE: write_curve}
-    )
+    return publish_version(out, contents, index_cfg, switch=switch, extra_files=extra)
 
 
 def load_training_data(

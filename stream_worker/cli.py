@@ -95,6 +95,28 @@ FormatOpt = Annotated[
 ]
 
 
+ItemsOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--items", help="Item texts: JSON lines, CSV or a RecBole .item file (id + text fields)."
+    ),
+]
+ProtocolOpt = Annotated[
+    str,
+    typer.Option(
+        help="leave-one-out, or cold-items: items first seen in the last 10% of the time "
+        "span are withheld from training and are the test targets.",
+    ),
+]
+PROTOCOLS = ("leave-one-out", "cold-items")
+
+
+def _protocol(name: str) -> str:
+    if name not in PROTOCOLS:
+        raise ConfigError(f"unknown --protocol {name!r}; choose from {', '.join(PROTOCOLS)}")
+    return name
+
+
 @app.command()
 def train(
     data: DataOpt,
@@ -110,18 +132,37 @@ def train(
         str | None, typer.Option(help="FAISS factory string (default: exact 'Flat').")
     ] = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    items: ItemsOpt = None,
+    protocol: ProtocolOpt = "leave-one-out",
 ) -> None:
-    """Train SASRec on a log file and publish a servable version (switches CURRENT)."""
+    """Train SASRec on a log file and publish a servable version (switches CURRENT).
+    With --items, a text tower too, so `recstream add-items` can add items later."""
     from model.artifact_store import workspace
+    from model.data import build_sequence_data, load_interactions
     from model.evaluate import format_table
-    from model.pipeline import load_training_data, train_and_publish
+    from model.item_text import load_item_texts
+    from model.pipeline import fingerprint, train_and_publish
 
     settings = load_settings()
     cfg = settings.train.model_copy(update={"epochs": epochs} if epochs else {})
     index_cfg = settings.index.model_copy(update={"factory": factory} if factory else {})
-    sequences, info = load_training_data(data, fmt, _columns(columns))
+    texts = load_item_texts(items) if items else None
+    protocol = _protocol(protocol)
+    log = load_interactions(data, fmt, _columns(columns))
+    info = fingerprint(log)
+    sequences = log.sequences()
+    if protocol == "cold-items":
+        from model.cold_items import cold_split, without
+
+        split = cold_split(log)
+        sequences = without(sequences, split.cold)
+        info["protocol"] = split.info(0.1)
+        typer.echo(f"cold-items protocol: {len(split.cold)} items withheld from training", err=True)
     with workspace(_store(settings, out)) as root:
-        published = train_and_publish(sequences, info, root, cfg, index_cfg, progress=progress)
+        published = train_and_publish(
+            build_sequence_data(sequences), info, root, cfg, index_cfg, progress=progress,
+            item_texts=texts,
+        )  # fmt: skip
     r = published.result
     typer.echo(
         format_table({"sasrec (test)": r.test, "popularity (test)": r.popularity_test}), err=True
@@ -142,13 +183,30 @@ def evaluate(
     ],
     fmt: FormatOpt = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    items: ItemsOpt = None,
+    protocol: ProtocolOpt = "leave-one-out",
 ) -> None:
-    """Leave-one-out, full-ranking HR@K/NDCG@K of the live version and of popularity."""
+    """Leave-one-out, full-ranking HR@K/NDCG@K of the live version and of popularity;
+    --protocol cold-items (with --items): on targets the version was never trained on."""
     from model.artifact_store import CURRENT, workspace
     from model.evaluate import format_table
     from model.pipeline import evaluate_published
 
     settings = load_settings()
+    if _protocol(protocol) == "cold-items":
+        from model.artifacts import load_version
+        from model.cold_items import evaluate_cold
+        from model.data import load_interactions
+        from model.item_text import load_item_texts
+
+        if items is None:
+            raise ConfigError("--protocol cold-items needs --items FILE (the items' texts)")
+        texts = load_item_texts(items)
+        log = load_interactions(data, fmt)
+        with workspace(_store(settings, artifacts), pull=[CURRENT]) as root:
+            cold = evaluate_cold(log, load_version(root), root, texts)
+        typer.echo(json.dumps(cold))
+        return
     with workspace(_store(settings, artifacts), pull=[CURRENT]) as root:
         result = evaluate_published(data, root, fmt, progress=progress)
     typer.echo(format_table({"sasrec": result.model, "popularity": result.popularity}), err=True)
@@ -253,6 +311,35 @@ ArtifactsRootOpt = Annotated[
         help="Artifact root, a directory or s3:// (default: RECSTREAM_ARTIFACTS__ROOT).",
     ),
 ]
+
+
+@app.command("add-items")
+def add_items(
+    items: Annotated[
+        Path, typer.Option("--items", help="JSON lines or CSV: item id and text fields.")
+    ],
+    artifacts: ArtifactsRootOpt = None,
+    version: Annotated[
+        str | None, typer.Option(help="Source version (default: the one CURRENT names).")
+    ] = None,
+    switch: Annotated[bool, typer.Option(help="Point CURRENT at the new version.")] = True,
+) -> None:
+    """Publish a version that knows new items, placed from their text by the version's
+    text tower (no retraining); workers recommend them and use them in histories."""
+    from model.artifact_store import workspace
+    from model.item_text import add_items as add
+    from model.item_text import load_item_texts
+
+    settings = load_settings()
+    texts = load_item_texts(items)
+    store = _store(settings, artifacts)
+    source = version or store.read_current()
+    with workspace(store, pull=[source]) as root:
+        added = add(root, texts, source=source, switch=switch)
+    typer.echo(
+        json.dumps({"version": added.version, "source": added.source, "added": len(added.added),
+                    "already_known": added.already_known})
+    )  # fmt: skip
 
 
 @app.command()
