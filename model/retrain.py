@@ -183,6 +183,7 @@ def run_retrain(
     min_users: int,
     lock_timeout_s: float = 0.0,
     progress: bool = False,
+    item_texts: Mapping[str, str] | None = None,
 ) -> RetrainOutcome:
     """One retrain run (see the module docstring); returns what happened.
 
@@ -254,6 +255,7 @@ def run_retrain(
             index_cfg,
             switch=False,
             extra_info={"retrain": outcome.gate_record()},
+            item_texts=item_texts,
         )
         outcome.version = version
         now_live = _current_or_none(root)

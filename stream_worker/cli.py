@@ -350,8 +350,10 @@ def retrain(
         str | None, typer.Option(help="FAISS factory string (default: RECSTREAM_INDEX__FACTORY).")
     ] = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = False,
+    items: ItemsOpt = None,
 ) -> None:
     """The periodic job: train on the worker's database, gate on quality, publish, switch.
+    With --items, the new version gets a text tower, so add-items keeps working.
 
     Trains on every user's sequence in RECSTREAM_DATABASE__URL
     (RECSTREAM_TRAIN__*), scores the live version on the same validation
@@ -363,6 +365,7 @@ def retrain(
     """
     from model.artifact_store import CURRENT, workspace
     from model.errors import QualityGateRefused
+    from model.item_text import load_item_texts
     from model.retrain import run_retrain
     from stream_worker.store import check_migrated, iter_sequences, make_engine, redacted
 
@@ -389,6 +392,7 @@ def retrain(
                 min_users=settings.retrain.min_users,
                 lock_timeout_s=settings.retrain.lock_timeout_s,
                 progress=progress,
+                item_texts=load_item_texts(items) if items else None,
             )
     finally:
         engine.dispose()
@@ -829,6 +833,25 @@ def bench_canary(
         for name in _datasets(dataset)
     ]
     typer.echo("\n\n".join(reports))
+
+
+@bench_app.command("text")
+def bench_text(
+    data_root: DataRootOpt = Path("../shared/data"),
+    texts: Annotated[int, typer.Option(min=1, help="Item texts to embed.")] = 100_000,
+    runs: Annotated[int, typer.Option(min=1, help="Times to embed them (median).")] = 3,
+    add: Annotated[int, typer.Option(min=1, help="Items for the add-items run.")] = 1_000,
+    artifacts: Annotated[
+        Path | None,
+        typer.Option(help="A local root whose CURRENT has a text tower: time add-items on it."),
+    ] = None,
+    out: BenchOutOpt = Path("bench-out/text"),
+) -> None:
+    """Item texts embedded per second, and `recstream add-items` end to end."""
+    run_text_speed = _tool("bench.text").run_text_speed
+
+    load_settings()
+    typer.echo(run_text_speed(data_root, texts, runs, add, artifacts, out))
 
 
 @bench_app.command("encoder")

@@ -235,3 +235,19 @@ def test_a_worker_takes_up_added_items_in_histories_and_results(
         assert [i["item_id"] for i in answer["items"]] != popularity[:5]
     finally:
         assert worker.stop() == 0
+
+
+def test_the_retrain_job_keeps_the_text_tower_when_given_the_items(tmp_path: Path) -> None:
+    from model.config import IndexConfig, TrainConfig
+    from model.retrain import run_retrain
+
+    cfg = TrainConfig(max_len=8, dim=16, blocks=1, heads=1, dropout=0.0, epochs=1,
+                      batch_size=64, device="cpu")  # fmt: skip
+    walks = generated_log(users=30, items=20, length=8, seed=1)
+    outcome = run_retrain(
+        tmp_path, lambda: walks, {"source": "test"}, cfg, IndexConfig(), quality_margin=1.0,
+        min_users=10, item_texts={f"item-{n}": f"title: Film number {n}" for n in range(20)},
+    )  # fmt: skip
+    assert outcome.published and outcome.version is not None
+    assert (tmp_path / outcome.version / PROJECTION).is_file()
+    assert read_manifest(tmp_path / outcome.version)["text_tower"]["items_with_text"] == 20
