@@ -152,11 +152,11 @@ def train(
     info = fingerprint(log)
     sequences = log.sequences()
     if protocol == "cold-items":
-        from model.cold_items import cold_split, without
+        from model.cold_items import FRACTION, cold_split, without
 
-        split = cold_split(log)
+        split = cold_split(log, FRACTION)
         sequences = without(sequences, split.cold)
-        info["protocol"] = split.info(0.1)
+        info["protocol"] = split.info(FRACTION)
         typer.echo(f"cold-items protocol: {len(split.cold)} items withheld from training", err=True)
     with workspace(_store(settings, out)) as root:
         published = train_and_publish(
