@@ -319,6 +319,9 @@ def test_a_worker_serves_a_canary_to_its_share_through_the_bucket_then_follows_p
         body = serving_becomes(lambda b: "canary" in b)
         assert body["canary"] == {"version": candidate, "model_version": candidate, "share": 0.5}
         assert body["version"] == live
+        # The worker's local cache of the bucket holds both versions it serves.
+        cached = {p.name for p in (tmp_path / "cache").iterdir() if not p.name.startswith(".")}
+        assert {live, candidate} <= cached
         answers = wave("c", 40)
         for user, rec in answers.items():
             assert rec["model_version"] == (candidate if in_canary(user, candidate, 0.5) else live)
