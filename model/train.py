@@ -32,6 +32,7 @@ class EpochStats:
     seconds: float
     valid_ndcg10: float | None = None
     valid_hr10: float | None = None
+    samples_per_s: float = 0.0  # next-item targets trained on per second (validation excluded)
 
 
 @dataclass
@@ -166,13 +167,14 @@ def train_sasrec(
         epoch_start = time.perf_counter()
         model.train()
         order = generator.permutation(len(matrix))
-        total, steps = 0.0, steps_per_epoch
+        total, steps, samples = 0.0, steps_per_epoch, 0
         batches = tqdm(
             range(steps), desc=f"epoch {epoch}", disable=not progress, leave=False, unit="batch"
         )
         for step in batches:
             idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
             batch = torch.from_numpy(matrix[idx]).to(device)
+            samples += int(((batch[:, 1:] != 0) & (batch[:, :-1] != 0)).sum())
             loss = sequence_loss(model, batch, cfg, num_items)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()  # type: ignore[no-untyped-call]
@@ -180,7 +182,9 @@ def train_sasrec(
             if scheduler is not None:
                 scheduler.step()
             total += float(loss.detach())
-        stats = EpochStats(epoch, total / max(steps, 1), time.perf_counter() - epoch_start)
+        trained_s = time.perf_counter() - epoch_start
+        stats = EpochStats(epoch, total / max(steps, 1), trained_s)
+        stats.samples_per_s = round(samples / max(trained_s, 1e-9), 1)
         if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
             valid = evaluate_model(model, prefixes, valid_targets, progress=progress, desc="valid")
             stats.valid_ndcg10, stats.valid_hr10 = valid["ndcg@10"], valid["hr@10"]
@@ -192,11 +196,12 @@ def train_sasrec(
         history.append(stats)
         epochs.set_postfix(loss=f"{stats.loss:.4f}", ndcg10=f"{best_ndcg:.4f}", best=best_epoch)
         logger.info(
-            "epoch %d: loss %.4f, valid ndcg@10 %s, %.1fs",
+            "epoch %d: loss %.4f, valid ndcg@10 %s, %.1fs (%.0f samples/s)",
             epoch,
             stats.loss,
             "-" if stats.valid_ndcg10 is None else f"{stats.valid_ndcg10:.4f}",
             stats.seconds,
+            stats.samples_per_s,
         )
         if stale >= cfg.patience:
             logger.info("early stop: no better validation NDCG@10 for %d epochs", stale)

@@ -32,6 +32,10 @@ def test_training_learns_a_sequential_pattern_popularity_cannot() -> None:
     assert result.test["hr@10"] > result.popularity_test["hr@10"] + 0.4
     assert result.valid["ndcg@10"] == max(h.valid_ndcg10 or 0.0 for h in result.history)
     assert 1 <= result.best_epoch <= TINY.epochs
+    # Throughput in the log: each user's training prefix holds 8 of its 10 items (the last
+    # two are held out), 7 of them next-item targets: 840 an epoch.
+    for epoch in result.history:
+        assert epoch.samples_per_s * epoch.seconds == pytest.approx(120 * 7, rel=0.01)
 
 
 def test_training_is_reproducible_with_a_seed() -> None:
