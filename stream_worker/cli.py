@@ -496,6 +496,57 @@ def canary(
     )
 
 
+@app.command("canary-judge")
+def canary_judge(
+    metrics: Annotated[
+        list[str], typer.Option("--metrics", help="A worker's metrics page URL (repeat: all).")
+    ],
+    min_scored: Annotated[
+        int, typer.Option(min=1, help="Scored events each version needs first.")
+    ] = 1000,
+    margin: Annotated[
+        float, typer.Option(min=0.0, help="How far below live its online NDCG@10 may be.")
+    ] = 0.005,
+    apply: Annotated[bool, typer.Option(help="Promote or stop, as decided.")] = False,
+    artifacts: ArtifactsRootOpt = None,
+) -> None:
+    """Decide the running canary from the workers' online NDCG@10: promote, stop or wait
+    (exit 0 in every case; one JSON line). With --apply, carry it out."""
+    from model.artifact_store import promote as promote_canary
+    from model.artifact_store import stop_canary
+    from stream_worker.canary_judge import judge, scrape
+
+    settings = load_settings()
+    store = _store(settings, artifacts)
+    running = store.read_canary()
+    if running is None:
+        raise ArtifactError(f"no canary runs under {store.url}")
+    live = store.read_current()
+
+    def model_version(version: str) -> str:
+        return str(store.manifest(version).get("model_version", version))
+
+    verdict = judge(
+        scrape(metrics), model_version(live), model_version(running.version),
+        min_scored=min_scored, margin=margin,
+    )  # fmt: skip
+    applied = False
+    if apply and verdict.decision == "promote":
+        promote_canary(store, settings.artifacts.cache_dir)
+        applied = True
+    elif apply and verdict.decision == "stop":
+        stop_canary(store)
+        applied = True
+    typer.echo(
+        json.dumps(
+            {"decision": verdict.decision, "reason": verdict.reason, "applied": applied,
+             "live": live, "canary": running.version, "live_scored": verdict.live_scored,
+             "canary_scored": verdict.canary_scored, "live_ndcg@10": verdict.live_ndcg,
+             "canary_ndcg@10": verdict.canary_ndcg}
+        )
+    )  # fmt: skip
+
+
 @app.command()
 def promote(artifacts: ArtifactsRootOpt = None) -> None:
     """Make the canary the live version (CURRENT) and end it; workers follow."""

@@ -344,7 +344,17 @@ def test_a_worker_serves_a_canary_to_its_share_through_the_bucket_then_follows_p
                     "--every", "0.5", "--out", str(png))  # fmt: skip
         assert set(drawn["online_hr@10"]) == {live, candidate}
         assert png.read_bytes().startswith(b"\x89PNG")
-        cli("promote", "--artifacts", root)
+        # The judge reads the same page: not enough events for a verdict yet, then, with
+        # any gap allowed, a promotion it carries out.
+        url = f"http://127.0.0.1:{port}/metrics"
+        waiting = cli("canary-judge", "--artifacts", root, "--metrics", url,
+                      "--min-scored", "100000")  # fmt: skip
+        assert waiting["decision"] == "wait" and not waiting["applied"]
+        assert waiting["live_scored"] + waiting["canary_scored"] == 40
+        judged = cli("canary-judge", "--artifacts", root, "--metrics", url, "--min-scored", "1",
+                     "--margin", "1", "--apply")  # fmt: skip
+        assert judged["decision"] == "promote" and judged["applied"]
+        assert store_of(root, s3.env).read_current() == candidate
         serving_becomes(lambda b: b["version"] == candidate and "canary" not in b)
         assert {rec["model_version"] for rec in wave("p", 20).values()} == {candidate}
         cli("canary", "--artifacts", root, "--version", live, "--share", "0.5")
