@@ -137,6 +137,35 @@ def publish_version(
     return version
 
 
+def derived_info(source: "LoadedVersion") -> dict[str, Any]:
+    """The manifest entries a version made from ``source`` with the same model keeps
+    (training data, metrics, text tower, ...), and the model's version."""
+    own = {"format", "version", "created", "dims", "num_items", "max_len", "index"}
+    kept = {k: v for k, v in source.manifest.items() if k not in own | {"popularity", "files"}}
+    return kept | {"model_version": source.model_version}
+
+
+def model_files(root: Path, version: str) -> dict[str, Callable[[Path], None]]:
+    """Writers of the files that go with a version's model into a version made from it:
+    its text projection, if it has one, so that new items can still be added."""
+    projection = root / version / PROJECTION
+    if not projection.is_file():
+        return {}
+
+    def copy_projection(path: Path) -> None:
+        shutil.copyfile(projection, path)
+
+    return {PROJECTION: copy_projection}
+
+
+def index_config(manifest: Mapping[str, Any]) -> IndexConfig:
+    """The index settings a version was built with."""
+    idx = manifest["index"]
+    return IndexConfig(
+        factory=idx["factory"], nprobe=idx.get("nprobe", 16), ef_search=idx.get("ef_search", 128)
+    )
+
+
 def rebuild_index(root: Path, version: str, index_cfg: IndexConfig, *, switch: bool = True) -> str:
     """A new version with the same model and another index; the source is untouched."""
     source = load_version(root, version, load_index_file=False)
@@ -146,23 +175,11 @@ def rebuild_index(root: Path, version: str, index_cfg: IndexConfig, *, switch: b
         item_ids=source.item_ids,
         max_len=source.max_len,
         popularity=source.manifest.get("popularity", []),
-        info={
-            key: value
-            for key, value in source.manifest.items()
-            if key
-            not in {"format", "version", "created", "dims", "num_items", "max_len", "index"}
-            | {"popularity", "files"}
-        }
-        | {"model_version": source.model_version},
+        info=derived_info(source),
     )
-    # A version's text projection goes with its model, so new items can still be added.
-    projection = root / version / PROJECTION
-
-    def copy_projection(path: Path) -> None:
-        shutil.copyfile(projection, path)
-
-    extra = {PROJECTION: copy_projection} if projection.is_file() else None
-    return publish_version(root, contents, index_cfg, switch=switch, extra_files=extra)
+    return publish_version(
+        root, contents, index_cfg, switch=switch, extra_files=model_files(root, version)
+    )
 
 
 def switch_current(root: Path, version: str) -> None:
@@ -271,13 +288,7 @@ def load_version(
         raise ArtifactError(f"version {version!r}: embeddings and items.json disagree in length")
     index = None
     if load_index_file:
-        idx = manifest["index"]
-        cfg = IndexConfig(
-            factory=idx["factory"],
-            nprobe=idx.get("nprobe", 16),
-            ef_search=idx.get("ef_search", 128),
-        )
-        index = load_index(version_dir / INDEX, cfg)
+        index = load_index(version_dir / INDEX, index_config(manifest))
         if index.ntotal != len(item_ids) - 1:
             raise ArtifactError(f"version {version!r}: index size does not match items.json")
     return LoadedVersion(version, manifest, encoder, embeddings, item_ids, index)

@@ -22,11 +22,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from model.artifacts import PROJECTION, LoadedVersion
+from model.artifacts import LoadedVersion
 from model.data import InteractionLog
-from model.errors import ArtifactError, DataError
+from model.errors import DataError
 from model.evaluate import Metrics, metrics_from_ranks, ranks_from_scores
-from model.item_text import Projection, TextEncoder
+from model.item_text import TextEncoder, place_items
 from model.sequences import IntArray, pad_left
 
 logger = logging.getLogger(__name__)
@@ -92,19 +92,11 @@ class Extended:
 
 def extend(loaded: LoadedVersion, root: Path, texts: Mapping[str, str], new: Sequence[str],
            encoder: TextEncoder) -> Extended:  # fmt: skip
-    """``loaded`` plus the ``new`` items placed from their text (as ``add_items``)."""
-    projection_file = root / loaded.version / PROJECTION
-    if not projection_file.is_file():
-        raise ArtifactError(
-            f"version {loaded.version} has no text projection: train it with --items FILE"
-        )
-    vectors = Projection.load(projection_file).apply(encoder.embed([texts[i] for i in new]))
-    table = torch.from_numpy(np.concatenate([loaded.item_embeddings, vectors]).astype(np.float32))
-    scripted = loaded.encoder
-    scripted.model.item_emb.weight = torch.nn.Parameter(table.clone(), requires_grad=False)
+    """``loaded`` plus the ``new`` items placed from their text, as ``add_items`` does."""
+    table = torch.from_numpy(place_items(loaded, root, texts, new, encoder))
     item_ids = [*loaded.item_ids, *new]
     index = {item: i for i, item in enumerate(item_ids) if i}
-    return Extended(scripted, table, index, loaded.max_len)
+    return Extended(loaded.encoder, table, index, loaded.max_len)
 
 
 def _ranks(scores: torch.Tensor, histories: Sequence[IntArray], targets: IntArray) -> np.ndarray:

@@ -19,9 +19,8 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import shutil
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,8 +28,17 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from model.artifacts import PROJECTION
-from model.errors import ConfigError, DataError
+from model.artifacts import (
+    PROJECTION,
+    LoadedVersion,
+    VersionContents,
+    derived_info,
+    index_config,
+    load_version,
+    model_files,
+    publish_version,
+)
+from model.errors import ArtifactError, ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
@@ -267,6 +275,39 @@ class AddedItems:
     already_known: int  # items of the file the source version had
 
 
+def place_items(
+    loaded: LoadedVersion,
+    root: Path,
+    texts: Mapping[str, str],
+    new: Sequence[str],
+    encoder: TextEncoder,
+    progress: bool = False,
+) -> FloatArray:
+    """The item table of ``loaded`` with the ``new`` items appended, their embeddings
+    projected from their text by the version's text tower. The loaded encoder's input
+    table is grown to it in place (tied embeddings): a history holding a new item is
+    encoded with its projected embedding.
+
+    :raises ArtifactError: the version has no text projection (trained without items).
+    """
+    import torch
+
+    projection_file = root / loaded.version / PROJECTION
+    if not projection_file.is_file():
+        raise ArtifactError(
+            f"version {loaded.version} was trained without item texts, so it cannot place "
+            "new items: train with --items FILE first"
+        )
+    vectors = Projection.load(projection_file).apply(
+        encoder.embed([texts[item] for item in new], progress=progress)
+    )
+    table = np.concatenate([loaded.item_embeddings, vectors]).astype(np.float32)
+    loaded.encoder.model.item_emb.weight = torch.nn.Parameter(
+        torch.from_numpy(table.copy()), requires_grad=False
+    )
+    return table
+
+
 def add_items(
     root: Path,
     texts: dict[str, str],
@@ -284,44 +325,14 @@ def add_items(
     :raises ArtifactError: the source has no text projection (trained without items).
     :raises DataError: nothing new in ``texts``.
     """
-    import torch
-
-    from model.artifacts import VersionContents, load_version, publish_version
-    from model.config import IndexConfig
-    from model.errors import ArtifactError
-
     loaded = load_version(root, source, load_index_file=False)
-    projection_file = root / loaded.version / PROJECTION
-    if not projection_file.is_file():
-        raise ArtifactError(
-            f"version {loaded.version} was trained without item texts, so it cannot place "
-            "new items: train with --items FILE first"
-        )
     known = set(loaded.item_ids)
     new = [item for item in texts if item not in known]
     if not new:
         raise DataError(f"every item of the file is already in version {loaded.version}")
-    encoder = encoder or TextEncoder()
-    vectors = Projection.load(projection_file).apply(
-        encoder.embed([texts[item] for item in new], progress=progress)
-    )
-    table = np.concatenate([loaded.item_embeddings, vectors]).astype(np.float32)
-    # The encoder's input table is the same matrix (tied embeddings): grown in place,
-    # a history holding a new item is encoded with its projected embedding.
-    scripted = loaded.encoder
-    scripted.model.item_emb.weight = torch.nn.Parameter(
-        torch.from_numpy(table.copy()), requires_grad=False
-    )
-    manifest = loaded.manifest
-    idx = manifest["index"]
-    index_cfg = IndexConfig(
-        factory=idx["factory"], nprobe=idx.get("nprobe", 16), ef_search=idx.get("ef_search", 128)
-    )
-    carried = {"format", "version", "created", "dims", "num_items", "max_len", "index"}
-    previous = manifest.get("added_items", {})
-    info = {k: v for k, v in manifest.items() if k not in carried | {"popularity", "files"}}
-    info |= {
-        "model_version": loaded.model_version,
+    table = place_items(loaded, root, texts, new, encoder or TextEncoder(), progress)
+    previous = loaded.manifest.get("added_items", {})
+    info = derived_info(loaded) | {
         "added_items": {
             "source": loaded.version,
             "count": len(new),
@@ -329,23 +340,19 @@ def add_items(
         },
     }
     contents = VersionContents(
-        encoder=scripted,
+        encoder=loaded.encoder,
         item_embeddings=table,
         item_ids=[*loaded.item_ids, *new],
         max_len=loaded.max_len,
-        popularity=manifest.get("popularity", []),
+        popularity=loaded.manifest.get("popularity", []),
         info=info,
     )
     version = publish_version(
         root,
         contents,
-        index_cfg,
+        index_config(loaded.manifest),
         switch=switch,
-        extra_files={PROJECTION: lambda path: _copy(projection_file, path)},
+        extra_files=model_files(root, loaded.version),
     )
     logger.info("version %s: %s plus %d items from their text", version, loaded.version, len(new))
     return AddedItems(version, loaded.version, new, len(texts) - len(new))
-
-
-def _copy(source: Path, target: Path) -> None:
-    shutil.copyfile(source, target)
