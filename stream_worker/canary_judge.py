@@ -9,39 +9,14 @@ stopped when it is more than ``margin`` below; otherwise it waits for more event
 
 from __future__ import annotations
 
-import urllib.request
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
-from prometheus_client.parser import text_string_to_metric_families
-
 from model.errors import ConfigError, RecstreamError
+from stream_worker.metrics import OnlineTotals, read_page
 
 Decision = Literal["promote", "stop", "wait"]
-
-
-@dataclass
-class Scores:
-    """Online events scored and NDCG@10 gains, per model version."""
-
-    scored: dict[str, float] = field(default_factory=dict)
-    gains: dict[str, float] = field(default_factory=dict)
-
-    def add(self, metrics_text: str) -> None:
-        for family in text_string_to_metric_families(metrics_text):
-            for sample in family.samples:
-                version = sample.labels.get("model_version", "")
-                if sample.name == "recstream_online_scored_total":
-                    self.scored[version] = self.scored.get(version, 0.0) + sample.value
-                elif (
-                    sample.name == "recstream_online_ndcg_total" and sample.labels.get("k") == "10"
-                ):
-                    self.gains[version] = self.gains.get(version, 0.0) + sample.value
-
-    def ndcg(self, version: str) -> float | None:
-        scored = self.scored.get(version, 0.0)
-        return self.gains.get(version, 0.0) / scored if scored else None
 
 
 @dataclass(frozen=True)
@@ -54,7 +29,9 @@ class Verdict:
     canary_ndcg: float | None
 
 
-def judge(scores: Scores, live: str, canary: str, *, min_scored: int, margin: float) -> Verdict:
+def judge(
+    scores: OnlineTotals, live: str, canary: str, *, min_scored: int, margin: float
+) -> Verdict:
     """The decision for canary model version ``canary`` against ``live``."""
     if margin < 0 or min_scored < 1:
         raise ConfigError("--margin must be >= 0 and --min-scored >= 1")
@@ -78,17 +55,13 @@ def judge(scores: Scores, live: str, canary: str, *, min_scored: int, margin: fl
     return Verdict("stop", reason, n_live, n_canary, ndcg_live, ndcg_canary)
 
 
-def scrape(urls: Iterable[str], timeout_s: float = 10.0) -> Scores:
+def scrape(urls: Iterable[str], timeout_s: float = 10.0) -> OnlineTotals:
     """The summed online scores of the workers' metrics pages.
 
-    :raises RecstreamError: a page that does not answer (a partial sum would judge on
-        part of the users).
+    :raises WorkerError: a page that does not answer (a partial sum would judge on part
+        of the users).
     """
-    scores = Scores()
+    scores = OnlineTotals(k=10)
     for url in urls:
-        try:
-            with urllib.request.urlopen(url, timeout=timeout_s) as resp:
-                scores.add(resp.read().decode(errors="replace"))
-        except OSError as exc:
-            raise RecstreamError(f"cannot read {url}: {exc}") from None
+        scores.add(read_page(url, timeout_s))
     return scores

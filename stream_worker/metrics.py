@@ -208,3 +208,53 @@ def metrics_table() -> str:
         meaning = " ".join(family.documentation.split()).replace("|", "\\|")
         rows.append(f"| `{family.name}{suffix}` | {family.type} | {shown} | {meaning} |")
     return "\n".join(rows)
+
+
+@dataclass
+class OnlineTotals:
+    """Online evaluation counters read back from metrics pages, summed over the pages
+    added (each worker scores the users of its partitions), per model version: events
+    scored, hits at ``k`` and NDCG gains at ``k``."""
+
+    k: int = 10
+    scored: dict[str, float] = field(default_factory=dict)
+    hits: dict[str, float] = field(default_factory=dict)
+    gains: dict[str, float] = field(default_factory=dict)
+
+    def add(self, metrics_text: str) -> None:
+        from prometheus_client.parser import text_string_to_metric_families
+
+        wanted = {
+            "recstream_online_scored_total": self.scored,
+            "recstream_online_hits_total": self.hits,
+            "recstream_online_ndcg_total": self.gains,
+        }
+        for family in text_string_to_metric_families(metrics_text):
+            for sample in family.samples:
+                into = wanted.get(sample.name)
+                if into is None or sample.labels.get("k", str(self.k)) != str(self.k):
+                    continue
+                version = sample.labels.get("model_version", "")
+                into[version] = into.get(version, 0.0) + sample.value
+
+    def hr(self, version: str) -> float | None:
+        scored = self.scored.get(version, 0.0)
+        return self.hits.get(version, 0.0) / scored if scored else None
+
+    def ndcg(self, version: str) -> float | None:
+        scored = self.scored.get(version, 0.0)
+        return self.gains.get(version, 0.0) / scored if scored else None
+
+
+def read_page(url: str, timeout_s: float = 10.0) -> str:
+    """A metrics page's text. :raises WorkerError: it does not answer."""
+    import urllib.request
+
+    from stream_worker.errors import WorkerError
+
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as resp:
+            text: str = resp.read().decode(errors="replace")
+            return text
+    except OSError as exc:
+        raise WorkerError(f"cannot read {url}: {exc}") from None

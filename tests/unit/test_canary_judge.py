@@ -3,8 +3,8 @@
 import pytest
 
 from model.errors import ConfigError, RecstreamError
-from stream_worker.canary_judge import Scores, judge
-from stream_worker.metrics import WorkerMetrics
+from stream_worker.canary_judge import judge
+from stream_worker.metrics import OnlineTotals, WorkerMetrics
 
 
 def page(scored: dict[str, int], gains: dict[str, float]) -> str:
@@ -18,7 +18,7 @@ def page(scored: dict[str, int], gains: dict[str, float]) -> str:
 
 
 def test_scores_are_summed_over_workers() -> None:
-    scores = Scores()
+    scores = OnlineTotals()
     scores.add(page({"live": 100, "new": 10}, {"live": 20.0, "new": 3.0}))
     scores.add(page({"live": 300, "new": 30}, {"live": 40.0, "new": 5.0}))
     assert scores.scored == {"live": 400, "new": 40}
@@ -27,7 +27,7 @@ def test_scores_are_summed_over_workers() -> None:
 
 
 def test_promote_stop_or_wait() -> None:
-    scores = Scores()
+    scores = OnlineTotals()
     scores.add(page({"live": 1000, "new": 200}, {"live": 150.0, "new": 29.0}))  # 0.15, 0.145
     assert judge(scores, "live", "new", min_scored=500, margin=0.01).decision == "wait"
     promote = judge(scores, "live", "new", min_scored=200, margin=0.01)

@@ -5,45 +5,28 @@ from __future__ import annotations
 
 import threading
 import time
-import urllib.request
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from prometheus_client.parser import text_string_to_metric_families
-
 from stream_worker.errors import WorkerError
+from stream_worker.metrics import OnlineTotals, read_page
 
 
 @dataclass
 class Sample:
     seconds: float  # since the first scrape
-    scored: dict[str, float] = field(default_factory=dict)  # per model version
-    hits: dict[str, float] = field(default_factory=dict)  # at k = 10
+    totals: OnlineTotals  # per model version, at k = 10
 
     def hr(self) -> dict[str, float]:
-        return {v: self.hits.get(v, 0.0) / n for v, n in self.scored.items() if n}
+        """Online HR@10 per version that has scored events."""
+        return {v: hr for v in self.totals.scored if (hr := self.totals.hr(v)) is not None}
 
 
-def parse(metrics_text: str, seconds: float, k: int = 10) -> Sample:
-    sample = Sample(seconds)
-    for family in text_string_to_metric_families(metrics_text):
-        for s in family.samples:
-            version = s.labels.get("model_version", "")
-            if s.name == "recstream_online_scored_total":
-                sample.scored[version] = s.value
-            elif s.name == "recstream_online_hits_total" and s.labels.get("k") == str(k):
-                sample.hits[version] = s.value
-    return sample
-
-
-def scrape(url: str, timeout_s: float = 10.0) -> str:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout_s) as resp:
-            text: str = resp.read().decode(errors="replace")
-            return text
-    except OSError as exc:
-        raise WorkerError(f"cannot read {url}: {exc}") from None
+def parse(metrics_text: str, seconds: float) -> Sample:
+    totals = OnlineTotals(k=10)
+    totals.add(metrics_text)
+    return Sample(seconds, totals)
 
 
 class Recorder:
@@ -69,7 +52,7 @@ class Recorder:
 
     def take(self) -> None:
         try:
-            text = scrape(self.url)
+            text = read_page(self.url)
         except WorkerError:
             return  # a missed scrape is a gap in the plot, not a failure
         self.samples.append(parse(text, time.monotonic() - self._started))
@@ -83,7 +66,7 @@ def record(
     url: str, duration_s: float, every_s: float, progress: Callable[[Sample], None]
 ) -> list[Sample]:
     """Scrape for ``duration_s`` seconds (the first scrape must succeed)."""
-    parse(scrape(url), 0.0)  # fails early, in one line, when nothing answers
+    parse(read_page(url), 0.0)  # fails early, in one line, when nothing answers
     with Recorder(url, every_s) as recorder:
         deadline = time.monotonic() + duration_s
         seen = 0
@@ -98,7 +81,7 @@ def record(
 def plot_online(samples: list[Sample], path: Path, title: str = "") -> bool:
     """Online HR@10 per model version over time; False (nothing drawn) before any
     event was scored."""
-    versions = sorted({v for s in samples for v, n in s.scored.items() if n})
+    versions = sorted({v for s in samples for v, n in s.totals.scored.items() if n})
     if not versions:
         return False
     import matplotlib
@@ -108,7 +91,7 @@ def plot_online(samples: list[Sample], path: Path, title: str = "") -> bool:
 
     fig, ax = plt.subplots(figsize=(8, 4))
     for version in versions:
-        points = [(s.seconds, s.hr()[version]) for s in samples if s.scored.get(version)]
+        points = [(s.seconds, s.hr()[version]) for s in samples if s.totals.scored.get(version)]
         ax.plot(*zip(*points, strict=True), marker=".", label=version)
     ax.set_xlabel("seconds")
     ax.set_ylabel("online HR@10 (since the worker started)")
