@@ -4,7 +4,6 @@ incomplete version refused; a worker switching versions through the bucket."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -15,21 +14,21 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from typer.testing import CliRunner
 
 from model.artifact_store import ArtifactStore, open_store
 from model.errors import ArtifactError
 from recstream_tools.kafka import KafkaCluster
 from recstream_tools.probe import page
 from recstream_tools.s3 import SeaweedS3
-from stream_worker.broker import ensure_topics
-from stream_worker.cli import app
 from stream_worker.produce import generated_log
 from stream_worker.recommender import in_canary
 from stream_worker.store import run_migrations
 from tests.integration.worker_harness import (
+    TINY_ENV,
     Reader,
     WorkerProcess,
+    cli,
+    new_topics,
     send,
     walk_events,
     worker_env,
@@ -37,17 +36,13 @@ from tests.integration.worker_harness import (
 
 pytestmark = pytest.mark.integration
 
-TINY = {"RECSTREAM_TRAIN__MAX_LEN": "20", "RECSTREAM_TRAIN__DIM": "16",
-        "RECSTREAM_TRAIN__BLOCKS": "1", "RECSTREAM_TRAIN__HEADS": "1",
-        "RECSTREAM_TRAIN__DEVICE": "cpu", "RECSTREAM_INDEX__DEVICE": "cpu"}  # fmt: skip
-
 
 @pytest.fixture(params=["directory", "s3"])
 def location(
     request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[tuple[str, dict[str, str]]]:
     """(artifact root, environment) for a directory or for a fresh bucket."""
-    env = dict(TINY)
+    env = dict(TINY_ENV)
     env["RECSTREAM_ARTIFACTS__CACHE_DIR"] = str(tmp_path / "cache")
     if request.param == "s3":
         s3: SeaweedS3 = request.getfixturevalue("s3")
@@ -66,14 +61,6 @@ def log_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     sequences = generated_log(users=60, items=40, length=25, seed=3)
     path.write_text("".join(f"{u} {i}\n" for u, items in sequences.items() for i in items))
     return path
-
-
-def cli(*args: str) -> Any:
-    result = CliRunner().invoke(app, list(args))
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    assert result.exit_code == 0, result.output
-    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def train(log_file: Path, root: str, epochs: int = 1) -> str:
@@ -169,13 +156,10 @@ def test_a_worker_switches_versions_through_the_bucket(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:  # fmt: skip
     root = f"s3://{s3.new_bucket()}/models"
-    for key, value in {**TINY, **s3.env}.items():
+    for key, value in {**TINY_ENV, **s3.env}.items():
         monkeypatch.setenv(key, value)
     first = train(log_file, root)
-    run = uuid.uuid4().hex[:8]
-    topics = {"events": f"s3-events-{run}", "recommendations": f"s3-recs-{run}",
-              "dead_letter": f"s3-dlq-{run}"}  # fmt: skip
-    ensure_topics(broker.bootstrap_servers, dict.fromkeys(topics.values(), 2))
+    topics = new_topics(broker.bootstrap_servers, "s3-")
     db_url = f"sqlite:///{tmp_path / 'state.db'}"
     run_migrations(db_url)
     cache = tmp_path / "worker-cache"
@@ -256,7 +240,7 @@ def test_a_bad_canary_request_is_one_error_line(
     done = subprocess.run(
         [sys.executable, "-m", "stream_worker.cli", "canary", "--artifacts", root,
          *(a.format(live=live) for a in args)],
-        capture_output=True, text=True, check=False, env={**os.environ, **TINY},
+        capture_output=True, text=True, check=False, env={**os.environ, **TINY_ENV},
     )  # fmt: skip
     assert done.returncode == 2, done.stderr
     lines = done.stderr.strip().splitlines()
@@ -273,15 +257,12 @@ def test_a_worker_serves_a_canary_to_its_share_through_the_bucket_then_follows_p
     version its hash share names, both versions are scored online, and after promote
     every user gets the new version."""
     root = f"s3://{s3.new_bucket()}/models"
-    for key, value in {**TINY, **s3.env}.items():
+    for key, value in {**TINY_ENV, **s3.env}.items():
         monkeypatch.setenv(key, value)
     live = train(log_file, root)
     candidate = train(log_file, root, epochs=2)  # a second model; CURRENT moved to it
     cli("rollback", "--artifacts", root, "--to", live)
-    run = uuid.uuid4().hex[:8]
-    topics = {"events": f"canary-events-{run}", "recommendations": f"canary-recs-{run}",
-              "dead_letter": f"canary-dlq-{run}"}  # fmt: skip
-    ensure_topics(broker.bootstrap_servers, dict.fromkeys(topics.values(), 2))
+    topics = new_topics(broker.bootstrap_servers, "canary-")
     db_url = f"sqlite:///{tmp_path / 'state.db'}"
     run_migrations(db_url)
     env = worker_env(

@@ -23,13 +23,13 @@ from hypothesis import strategies as st
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 
 from recstream_tools.kafka import KafkaCluster
-from stream_worker.broker import ensure_topics
 from stream_worker.events import EVENT_TYPES, Reason, event_value
 from stream_worker.store import make_engine, run_migrations
 from tests.integration.reliability_harness import stored_state
 from tests.integration.worker_harness import (
     TinyModel,
     WorkerProcess,
+    new_topics,
     publish_tiny_model,
     worker_env,
 )
@@ -94,11 +94,8 @@ def _reader(bootstrap: str, topic: str) -> KafkaConsumer:
 def running(broker: KafkaCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
     where = tmp_path_factory.mktemp("hostile")
     tiny: TinyModel = publish_tiny_model(where / "artifacts")
-    run = uuid.uuid4().hex[:8]
-    topics = {"events": f"hostile-events-{run}", "recommendations": f"hostile-recs-{run}",
-              "dead_letter": f"hostile-dlq-{run}"}  # fmt: skip
     bootstrap = broker.bootstrap_servers
-    ensure_topics(bootstrap, dict.fromkeys(topics.values(), 1))
+    topics = new_topics(bootstrap, "hostile-", partitions=1)
     db_url = f"sqlite:///{where / 'state.db'}"
     run_migrations(db_url)
     env = worker_env(bootstrap, db_url, tiny.root, topics, where, RECSTREAM_TOPICS__PARTITIONS="1")

@@ -13,7 +13,6 @@ waiting (up to its fetch sizes), memory that grows with the backlog, not the use
 from __future__ import annotations
 
 import time
-import uuid
 from pathlib import Path
 
 import pytest
@@ -21,13 +20,13 @@ from kafka import KafkaProducer
 from sqlalchemy.engine import Engine
 
 from recstream_tools.kafka import KafkaCluster
-from stream_worker.broker import ensure_topics
 from stream_worker.events import event_value
 from stream_worker.store import make_engine, run_migrations
 from tests.integration.reliability_harness import read_peak_rss_mb
 from tests.integration.worker_harness import (
     WorkerProcess,
     applied_events,
+    new_topics,
     publish_tiny_model,
     worker_env,
 )
@@ -71,10 +70,7 @@ def test_the_workers_memory_does_not_grow_with_its_users(
     broker: KafkaCluster, tmp_path: Path
 ) -> None:
     tiny = publish_tiny_model(tmp_path / "artifacts")
-    run = uuid.uuid4().hex[:8]
-    topics = {"events": f"mem-events-{run}", "recommendations": f"mem-recs-{run}",
-              "dead_letter": f"mem-dlq-{run}"}  # fmt: skip
-    ensure_topics(broker.bootstrap_servers, dict.fromkeys(topics.values(), 2))
+    topics = new_topics(broker.bootstrap_servers, "mem-")
     db_url = f"sqlite:///{tmp_path / 'state.db'}"
     run_migrations(db_url)
     env = worker_env(

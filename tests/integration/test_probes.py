@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,12 +19,12 @@ from sqlalchemy.pool import NullPool
 
 from recstream_tools.kafka import KafkaCluster
 from recstream_tools.probe import page
-from stream_worker.broker import ensure_topics
 from stream_worker.store import run_migrations
 from tests.integration.reliability_harness import pg_cluster, wait_for_database
 from tests.integration.worker_harness import (
     TinyModel,
     WorkerProcess,
+    new_topics,
     publish_tiny_model,
     send,
     walk_events,
@@ -45,10 +44,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> TinyModel:
 def start_worker(
     broker: KafkaCluster, tiny: TinyModel, db_url: str, tmp_path: Path, **extra: str
 ) -> tuple[WorkerProcess, dict[str, str], int]:
-    run = uuid.uuid4().hex[:8]
-    topics = {"events": f"probe-events-{run}", "recommendations": f"probe-recs-{run}",
-              "dead_letter": f"probe-dlq-{run}"}  # fmt: skip
-    ensure_topics(broker.bootstrap_servers, dict.fromkeys(topics.values(), 2))
+    topics = new_topics(broker.bootstrap_servers, "probe-")
     env = worker_env(broker.bootstrap_servers, db_url, tiny.root, topics, tmp_path, **extra)
     worker = WorkerProcess(env, tmp_path / "worker.log").start()
     return worker, topics, int(env["RECSTREAM_WORKER__WEB_PORT"])

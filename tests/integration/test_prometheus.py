@@ -14,7 +14,6 @@ import shutil
 import subprocess
 import time
 import urllib.request
-import uuid
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -24,10 +23,10 @@ import yaml
 
 from recstream_tools.kafka import KafkaCluster
 from recstream_tools.probe import free_port
-from stream_worker.broker import ensure_topics
 from stream_worker.store import run_migrations
 from tests.integration.worker_harness import (
     WorkerProcess,
+    new_topics,
     publish_tiny_model,
     send,
     send_raw,
@@ -62,10 +61,7 @@ def test_prometheus_scrapes_a_worker_and_the_dead_letter_alert_fires(
     if binary is None:
         pytest.fail("prometheus is not installed: `scripts/run test` installs it (apt)")
     tiny = publish_tiny_model(tmp_path / "artifacts")
-    run = uuid.uuid4().hex[:8]
-    topics = {"events": f"prom-events-{run}", "recommendations": f"prom-recs-{run}",
-              "dead_letter": f"prom-dlq-{run}"}  # fmt: skip
-    ensure_topics(broker.bootstrap_servers, dict.fromkeys(topics.values(), 2))
+    topics = new_topics(broker.bootstrap_servers, "prom-")
     db_url = f"sqlite:///{tmp_path / 'state.db'}"
     run_migrations(db_url)
     env = worker_env(broker.bootstrap_servers, db_url, tiny.root, topics, tmp_path)

@@ -8,16 +8,19 @@ import json
 import os
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 
 import pytest
 
 from recstream_tools.kafka import KafkaCluster
-from stream_worker.broker import ensure_topics
 from stream_worker.produce import generated_log
 from stream_worker.store import run_migrations
-from tests.integration.worker_harness import WorkerProcess, publish_tiny_model, worker_env
+from tests.integration.worker_harness import (
+    WorkerProcess,
+    new_topics,
+    publish_tiny_model,
+    worker_env,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -42,10 +45,7 @@ def test_online_and_offline_agree_through_a_running_worker(
     broker: KafkaCluster, tmp_path: Path
 ) -> None:
     tiny = publish_tiny_model(tmp_path / "artifacts")
-    run = uuid.uuid4().hex[:8]
-    topics = {"events": f"re-events-{run}", "recommendations": f"re-recs-{run}",
-              "dead_letter": f"re-dlq-{run}"}  # fmt: skip
-    ensure_topics(broker.bootstrap_servers, dict.fromkeys(topics.values(), 2))
+    topics = new_topics(broker.bootstrap_servers, "re-")
     db_url = f"sqlite:///{tmp_path / 'state.db'}"
     run_migrations(db_url)
     env = worker_env(broker.bootstrap_servers, db_url, tiny.root, topics, tmp_path,

@@ -16,24 +16,26 @@ from typing import Any
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
 from model.artifacts import PROJECTION, load_version, read_current, read_manifest
 from model.item_text import Projection, TextEncoder
 from recstream_tools.kafka import KafkaCluster
 from recstream_tools.probe import page
-from stream_worker.broker import ensure_topics
-from stream_worker.cli import app
 from stream_worker.produce import generated_log
 from stream_worker.recommender import Recommender
 from stream_worker.store import run_migrations
-from tests.integration.worker_harness import Reader, WorkerProcess, send, worker_env
+from tests.integration.worker_harness import (
+    TINY_ENV,
+    Reader,
+    WorkerProcess,
+    cli,
+    new_topics,
+    send,
+    worker_env,
+)
 
 pytestmark = pytest.mark.integration
 
-TINY = {"RECSTREAM_TRAIN__MAX_LEN": "20", "RECSTREAM_TRAIN__DIM": "16",
-        "RECSTREAM_TRAIN__BLOCKS": "1", "RECSTREAM_TRAIN__HEADS": "1",
-        "RECSTREAM_TRAIN__DEVICE": "cpu", "RECSTREAM_INDEX__DEVICE": "cpu"}  # fmt: skip
 GENRES = ["comedy", "horror", "romance", "western", "science fiction"]
 
 
@@ -42,18 +44,10 @@ def text_of(n: int) -> dict[str, Any]:
             "genres": [GENRES[n % 5], GENRES[(n // 5) % 5]]}  # fmt: skip
 
 
-def cli(*args: str) -> Any:
-    result = CliRunner().invoke(app, list(args))
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    assert result.exit_code == 0, result.output
-    return json.loads(result.stdout.strip().splitlines()[-1])
-
-
 def error_line(*args: str) -> str:
     done = subprocess.run([sys.executable, "-m", "stream_worker.cli", *args],
                           capture_output=True, text=True, check=False,
-                          env={**os.environ, **TINY})  # fmt: skip
+                          env={**os.environ, **TINY_ENV})  # fmt: skip
     assert done.returncode == 2, done.stderr
     # One error line, last, after any progress logging; no traceback.
     errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
@@ -67,20 +61,27 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
     return path
 
 
-@pytest.fixture
-def env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for key, value in TINY.items():
-        monkeypatch.setenv(key, value)
-
-
-def test_train_with_items_then_add_items_serves_new_items(env: None, tmp_path: Path) -> None:
+def train_with_items(tmp_path: Path, root: Path) -> str:
+    """`recstream train --items` on generated walks over items 0-39, each with a text;
+    the version published."""
     walks = tmp_path / "walks.txt"
     sequences = generated_log(users=60, items=40, length=25, seed=3)
     walks.write_text("".join(f"{u} {i}\n" for u, items in sequences.items() for i in items))
     items = write_jsonl(tmp_path / "items.jsonl", [text_of(n) for n in range(40)])
+    published = cli("train", "--data", str(walks), "--format", "sasrec", "--out", str(root),
+                     "--epochs", "2", "--no-progress", "--items", str(items))  # fmt: skip
+    return str(published["version"])
+
+
+@pytest.fixture
+def env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key, value in TINY_ENV.items():
+        monkeypatch.setenv(key, value)
+
+
+def test_train_with_items_then_add_items_serves_new_items(env: None, tmp_path: Path) -> None:
     root = tmp_path / "artifacts"
-    first = cli("train", "--data", str(walks), "--format", "sasrec", "--out", str(root),
-                "--epochs", "2", "--no-progress", "--items", str(items))["version"]  # fmt: skip
+    first = train_with_items(tmp_path, root)
     manifest = read_manifest(root / first)
     assert manifest["text_tower"]["items_with_text"] == 40
     assert manifest["text_tower"]["model"] == "all-MiniLM-L6-v2"
@@ -190,17 +191,9 @@ def test_a_worker_takes_up_added_items_in_histories_and_results(
     """Before `add-items`, a click on an unknown item is answered (the popularity
     fallback) and kept in the user's state; after it, the same user's history, new
     items included, is encoded by the new version, as offline."""
-    walks = tmp_path / "walks.txt"
-    sequences = generated_log(users=60, items=40, length=25, seed=3)
-    walks.write_text("".join(f"{u} {i}\n" for u, items in sequences.items() for i in items))
-    items = write_jsonl(tmp_path / "items.jsonl", [text_of(n) for n in range(40)])
     root = tmp_path / "artifacts"
-    first = cli("train", "--data", str(walks), "--format", "sasrec", "--out", str(root),
-                "--epochs", "2", "--no-progress", "--items", str(items))["version"]  # fmt: skip
-    run = uuid.uuid4().hex[:8]
-    topics = {"events": f"text-events-{run}", "recommendations": f"text-recs-{run}",
-              "dead_letter": f"text-dlq-{run}"}  # fmt: skip
-    ensure_topics(broker.bootstrap_servers, dict.fromkeys(topics.values(), 2))
+    first = train_with_items(tmp_path, root)
+    topics = new_topics(broker.bootstrap_servers, "text-")
     db_url = f"sqlite:///{tmp_path / 'state.db'}"
     run_migrations(db_url)
     env_vars = worker_env(broker.bootstrap_servers, db_url, root, topics, tmp_path)

@@ -7,7 +7,6 @@ import subprocess
 import sys
 import time
 import urllib.request
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +17,6 @@ from model.artifacts import rebuild_index
 from model.config import IndexConfig
 from recstream_tools.kafka import KafkaCluster
 from recstream_tools.probe import page
-from stream_worker.broker import ensure_topics
 from stream_worker.store import load_sequences, make_engine, run_migrations
 from tests.integration.worker_harness import (
     Reader,
@@ -26,6 +24,7 @@ from tests.integration.worker_harness import (
     WorkerProcess,
     applied_events,
     latest_by_user,
+    new_topics,
     publish_tiny_model,
     send,
     send_raw,
@@ -35,19 +34,6 @@ from tests.integration.worker_harness import (
 )
 
 pytestmark = pytest.mark.integration
-
-
-def new_topics(bootstrap: str) -> dict[str, str]:
-    """Fresh topics of 2 partitions (worker_env's), created before anything is sent:
-    the broker creates none on its own."""
-    run = uuid.uuid4().hex[:8]
-    topics = {
-        "events": f"events-{run}",
-        "recommendations": f"recs-{run}",
-        "dead_letter": f"dlq-{run}",
-    }
-    ensure_topics(bootstrap, dict.fromkeys(topics.values(), 2))
-    return topics
 
 
 @pytest.fixture(scope="module")

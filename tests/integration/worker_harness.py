@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ import torch
 from kafka import KafkaConsumer, KafkaProducer
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
+from typer.testing import CliRunner
 
 from model.artifacts import read_manifest
 from model.config import IndexConfig, TrainConfig
@@ -28,6 +30,8 @@ from model.pipeline import train_and_publish
 from model.sasrec import SASRec
 from model.sequences import pad_left
 from recstream_tools.probe import free_port, wait_ready
+from stream_worker.broker import ensure_topics
+from stream_worker.cli import app
 from stream_worker.errors import BrokerError
 from stream_worker.events import event_value
 from stream_worker.produce import generated_log
@@ -64,6 +68,21 @@ class TinyModel:
         scores[0] = -torch.inf
         scores[history] = -torch.inf
         return [self.item_ids[i] for i in torch.topk(scores, k).indices.tolist()]
+
+
+# The same tiny model through the CLI's settings (`recstream train`, `build-index`).
+TINY_ENV = {"RECSTREAM_TRAIN__MAX_LEN": "20", "RECSTREAM_TRAIN__DIM": "16",
+            "RECSTREAM_TRAIN__BLOCKS": "1", "RECSTREAM_TRAIN__HEADS": "1",
+            "RECSTREAM_TRAIN__DEVICE": "cpu", "RECSTREAM_INDEX__DEVICE": "cpu"}  # fmt: skip
+
+
+def cli(*args: str) -> Any:
+    """Run a ``recstream`` command in this process; its last stdout line, as JSON."""
+    result = CliRunner().invoke(app, list(args))
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def publish_tiny_model(root: Path, seed: int = 0) -> TinyModel:
@@ -113,6 +132,19 @@ class WorkerProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+def new_topics(bootstrap: str, prefix: str = "", partitions: int = 2) -> dict[str, str]:
+    """Fresh topics (2 partitions: worker_env's), created before anything is sent: the
+    broker creates none on its own. ``prefix`` names the test in the broker's log."""
+    run = uuid.uuid4().hex[:8]
+    topics = {
+        "events": f"{prefix}events-{run}",
+        "recommendations": f"{prefix}recs-{run}",
+        "dead_letter": f"{prefix}dlq-{run}",
+    }
+    ensure_topics(bootstrap, dict.fromkeys(topics.values(), partitions))
+    return topics
 
 
 def worker_env(
