@@ -10,7 +10,6 @@ import json
 import logging
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -28,6 +27,7 @@ from model.errors import ConfigError
 from model.pipeline import load_training_data, train_and_publish
 from recstream_tools.kafka import KafkaCluster
 from recstream_tools.probe import HOST, free_port, wait_ready
+from recstream_tools.process import stop_process
 from recstream_tools.report import Recorder, plot_online
 from recstream_tools.tansu import LocalBroker
 from stream_worker.errors import BrokerError, WorkerError
@@ -221,11 +221,7 @@ def local_worker(
             _wait_for_worker(worker, port, log)
             yield LocalRun(bootstrap, port, worker, log)
         finally:
-            worker.send_signal(signal.SIGTERM)
-            try:
-                worker.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                worker.kill()
+            stop_process(worker, 30)
 
 
 def _wait_for_worker(

@@ -37,12 +37,12 @@ from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 from typing import IO, Any, Self
 
 from kafka.errors import KafkaError
 
 from recstream_tools.probe import HOST, answers_as, free_port
+from recstream_tools.process import Service, stop_process
 from stream_worker.broker import admin_client
 from stream_worker.errors import BrokerError
 
@@ -172,7 +172,7 @@ class _Node:
         return self.proc is not None and self.proc.poll() is None
 
 
-class KafkaCluster:
+class KafkaCluster(Service):
     """``nodes`` Apache Kafka processes in KRaft mode on 127.0.0.1, data under ``workdir``.
 
     ``first_port`` fixes the client port of node 1 (node N gets ``first_port + N - 1``);
@@ -486,15 +486,8 @@ class KafkaCluster:
         """Stop one node cleanly (SIGTERM: a controlled shutdown), SIGKILL after the grace."""
         node = self._nodes[node_id]
         proc = node.proc
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=self._stop_grace_s)
-            except subprocess.TimeoutExpired:
-                log.warning("Kafka node %d ignored SIGTERM for %gs; killing it", node_id,
-                            self._stop_grace_s)  # fmt: skip
-                proc.kill()
-                proc.wait()
+        if proc is not None:
+            stop_process(proc, self._stop_grace_s, f"Kafka node {node_id}")
         self._close(node)
 
     def stop(self) -> None:
@@ -519,17 +512,6 @@ class KafkaCluster:
         if node.out is not None:
             node.out.close()
             node.out = None
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def __repr__(self) -> str:
         up = [n.node_id for n in self._nodes.values() if n.running]

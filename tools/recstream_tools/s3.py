@@ -17,10 +17,10 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from types import TracebackType
 from typing import IO, Any, Self
 
 from recstream_tools.probe import HOST, free_port, tcp_accepts
+from recstream_tools.process import Service, stop_process
 from stream_worker.errors import BrokerError
 
 __all__ = ["SeaweedS3"]
@@ -38,7 +38,7 @@ def _weed() -> str:
     return found
 
 
-class SeaweedS3:
+class SeaweedS3(Service):
     """``weed server`` (master, volume, filer and S3 gateway in one process)."""
 
     def __init__(self, workdir: Path, startup_timeout_s: float = 60.0) -> None:
@@ -102,25 +102,9 @@ class SeaweedS3:
             time.sleep(0.3)
 
     def stop(self) -> None:
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
+        if self._proc is not None:
+            stop_process(self._proc, 20)
         self._proc = None
         if self._log is not None:
             self._log.close()
             self._log = None
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()

@@ -10,7 +10,6 @@ test and figure runs on Apache Kafka (:mod:`recstream_tools.kafka`).
 from __future__ import annotations
 
 import atexit
-import contextlib
 import logging
 import os
 import socket
@@ -19,10 +18,10 @@ import time
 import uuid
 from collections import deque
 from pathlib import Path
-from types import TracebackType
 from typing import IO, Self
 
 from recstream_tools.probe import HOST, answers_as, free_port, tcp_accepts
+from recstream_tools.process import Service, stop_process
 from stream_worker.errors import BrokerError
 
 __all__ = ["LocalBroker"]
@@ -71,7 +70,7 @@ def _port_is_free(port: int) -> bool:
     return True
 
 
-class LocalBroker:
+class LocalBroker(Service):
     """A tansu broker subprocess on 127.0.0.1 with in-memory storage.
 
     Use as a context manager, or call :meth:`start` and :meth:`stop`::
@@ -235,19 +234,8 @@ class LocalBroker:
         proc, self._proc = self._proc, None
         atexit.unregister(self.stop)
         if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=self._stop_grace_s)
-            except subprocess.TimeoutExpired:
-                log.warning(
-                    "tansu (pid %d) still runs %gs after SIGTERM (clients still connected?); "
-                    "killing it",
-                    proc.pid,
-                    self._stop_grace_s,
-                )
-                proc.kill()
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    proc.wait(timeout=self._stop_grace_s)
+            what = f"tansu (pid {proc.pid}; clients still connected?)"
+            stop_process(proc, self._stop_grace_s, what)
             log.info("tansu broker on port %s stopped", self._port)
         self._close_log()
 
@@ -255,17 +243,6 @@ class LocalBroker:
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def __repr__(self) -> str:
         state = f"{HOST}:{self._port}" if self.running else "stopped"

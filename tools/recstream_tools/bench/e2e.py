@@ -40,7 +40,6 @@ import json
 import logging
 import multiprocessing as mp
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -56,6 +55,7 @@ import numpy as np
 import numpy.typing as npt
 
 from model.errors import ConfigError
+from recstream_tools.process import stop_process
 from stream_worker.errors import WorkerError
 
 logger = logging.getLogger(__name__)
@@ -705,11 +705,7 @@ class Bench:
                 metrics_text = resp.read().decode()
             peak_rss = _peak_rss_mb(worker.pid)
         finally:
-            worker.send_signal(signal.SIGTERM)
-            try:
-                worker.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                worker.kill()
+            stop_process(worker, 30)
         sent = np.load(files["sent"])
         answers = np.load(files["answers"])
         received = [(int(i), float(t)) for i, t, _ in answers]
