@@ -152,9 +152,9 @@ class BatchProcessor:
             self.metrics.events.labels("duplicate").inc(applied.skipped)
             if not applied.applied:  # all re-deliveries: answered from stored state
                 answer(applied)
-            out.recommendations = answer.records
+            out.recommendations = answer.answered.records
             self._score_online(applied)
-            self._count_published(serving, answer)
+            self._count_published(serving, answer.answered)
         t3 = time.perf_counter()
         answer_ms = answer.seconds * 1000
         # The answer runs inside the database transaction: its time is not the db stage's.
@@ -197,7 +197,7 @@ class BatchProcessor:
                 self.metrics.online_hits.labels(version, str(k)).inc(hits.hits[k])
                 self.metrics.online_ndcg.labels(version, str(k)).inc(hits.gains[k])
 
-    def _count_published(self, serving: Serving, answer: "_Answer") -> None:
+    def _count_published(self, serving: Serving, answer: "Answered") -> None:
         for (version, source), count in answer.published.items():
             self.metrics.recommendations.labels(version, source).inc(count)
         top_k = self.settings.worker.top_k
@@ -345,18 +345,6 @@ class _Answer:
         self.times = StageTimes()
         self.answered = Answered()
         self.seconds = 0.0
-
-    @property
-    def records(self) -> list[tuple[bytes, bytes]]:
-        return self.answered.records
-
-    @property
-    def last(self) -> dict[str, LastRecommendation]:
-        return self.answered.last
-
-    @property
-    def published(self) -> dict[tuple[str, str], int]:
-        return self.answered.published
 
     def __call__(self, applied: AppliedBatch) -> dict[str, LastRecommendation]:
         started = time.perf_counter()

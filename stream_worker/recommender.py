@@ -426,15 +426,16 @@ class VersionWatcher:
         if self.check_once():
             self.current()
 
-    def _load(self, version: str, cache_bytes: int | None = None) -> Recommender:
+    def _load(
+        self, version: str, cache_bytes: int | None = None, held: Sequence[str] = ()
+    ) -> Recommender:
         """Load ``version``: verified, from the store (a bucket's through the local
-        cache, which then keeps the versions serving and the two before the newest)."""
+        cache, which then keeps it, the ``held`` versions serving and the two newest
+        others)."""
         root = fetch(self.store, version, self.cache_dir)
         budget = self.cache_bytes if cache_bytes is None else cache_bytes
         recommender = Recommender.load(root, version, self.device, budget)
         if root == self.cache_dir:
-            serving = getattr(self, "_serving", None)
-            held = [r.loaded.version for r in serving.recommenders] if serving else []
             others = sorted((v for v in list_versions(root) if v != version), reverse=True)
             prune_cache(self.cache_dir, [version, *held, *others[:2]])
         return recommender
@@ -443,7 +444,8 @@ class VersionWatcher:
         if version in self._refused:
             return None
         try:
-            return self._load(version, cache_bytes)
+            held = [r.loaded.version for r in self._serving.recommenders]
+            return self._load(version, cache_bytes, held)
         except (ArtifactError, RuntimeError, OSError) as exc:
             self._refused.add(version)
             logger.error(
