@@ -25,9 +25,9 @@ import torch
 from model.artifacts import LoadedVersion
 from model.data import InteractionLog
 from model.errors import DataError
-from model.evaluate import Metrics, metrics_from_ranks, ranks_from_scores
+from model.evaluate import Metrics, ScoreFn, evaluate_scores
 from model.item_text import TextEncoder, place_items
-from model.sequences import IntArray, pad_left
+from model.sequences import IntArray
 
 logger = logging.getLogger(__name__)
 
@@ -99,10 +99,6 @@ def extend(loaded: LoadedVersion, root: Path, texts: Mapping[str, str], new: Seq
     return Extended(loaded.encoder, table, index, loaded.max_len)
 
 
-def _ranks(scores: torch.Tensor, histories: Sequence[IntArray], targets: IntArray) -> np.ndarray:
-    return ranks_from_scores(scores, histories, torch.from_numpy(targets)).numpy()
-
-
 @torch.no_grad()
 def evaluate_cold(
     log: InteractionLog,
@@ -155,19 +151,24 @@ def evaluate_cold(
     popular_scores = torch.from_numpy(counts) + only_cold
     random_cold = random_scores + only_cold
 
-    ranks: dict[str, list[np.ndarray]] = {"model": [], "model_cold_only": [],
-                                          "popular": [], "random": []}  # fmt: skip
-    for start in range(0, len(histories), 256):
-        hist = histories[start : start + 256]
-        tgt = target_arr[start : start + 256]
-        seqs = torch.from_numpy(pad_left(hist, ext.max_len))
-        scores = torch.cat([ext.score(seqs), torch.zeros(len(hist), 1)], dim=1)
+    def model(seqs: torch.Tensor) -> torch.Tensor:
+        scores = torch.cat([ext.score(seqs), torch.zeros(len(seqs), 1)], dim=1)
         scores[:, missing] = -torch.inf
-        ranks["model"].append(_ranks(scores, hist, tgt))
-        ranks["model_cold_only"].append(_ranks(scores + only_cold, hist, tgt))
-        for name, row in (("popular", popular_scores), ("random", random_cold)):
-            ranks[name].append(_ranks(row.expand(len(hist), -1).clone(), hist, tgt))
-    scored = {name: _at_10(metrics_from_ranks(np.concatenate(r))) for name, r in ranks.items()}
+        return scores
+
+    def constant(row: torch.Tensor) -> ScoreFn:
+        return lambda seqs: row.expand(len(seqs), -1)
+
+    score_fns: dict[str, ScoreFn] = {
+        "model": model,
+        "model_cold_only": lambda seqs: model(seqs) + only_cold,
+        "popular": constant(popular_scores),
+        "random": constant(random_cold),
+    }
+    scored = {
+        name: _at_10(evaluate_scores(fn, ext.max_len, histories, target_arr))
+        for name, fn in score_fns.items()
+    }
 
     warm = _warm_leave_one_out(sequences, split.cold, loaded, before, ext)
     return {
@@ -202,11 +203,12 @@ def _warm_leave_one_out(
             histories.append(np.array([ext.index[i] for i in items[:-1]], dtype=np.int64))
             targets.append(ext.index[items[-1]])
     target_arr = np.array(targets, dtype=np.int64)
-    out: dict[str, list[np.ndarray]] = {"without_new_items": [], "with_new_items": []}
-    for start in range(0, len(histories), 256):
-        hist = histories[start : start + 256]
-        tgt = target_arr[start : start + 256]
-        vectors = ext.encoder(torch.from_numpy(pad_left(hist, loaded.max_len)))
-        out["without_new_items"].append(_ranks(vectors @ before.T, hist, tgt))
-        out["with_new_items"].append(_ranks(vectors @ ext.table.T, hist, tgt))
-    return {name: _at_10(metrics_from_ranks(np.concatenate(r))) for name, r in out.items()}
+
+    def against(table: torch.Tensor) -> ScoreFn:
+        return lambda seqs: ext.encoder(seqs) @ table.T
+
+    tables = {"without_new_items": before, "with_new_items": ext.table}
+    return {
+        name: _at_10(evaluate_scores(against(table), loaded.max_len, histories, target_arr))
+        for name, table in tables.items()
+    }
