@@ -59,8 +59,9 @@ def _cache_mib(serving: Serving) -> dict[str, float]:
     return out
 
 
-def _phase(name: str, serving: Serving) -> Phase:
-    phase = Phase(name, round(proc_status_mib(os.getpid(), "VmRSS"), 1), _cache_mib(serving))
+def _phase(name: str, serving: Serving | None = None) -> Phase:
+    caches = {} if serving is None else _cache_mib(serving)
+    phase = Phase(name, round(proc_status_mib(os.getpid(), "VmRSS"), 1), caches)
     logger.info("%s: RSS %.0f MiB, caches %s", name, phase.rss_mib, phase.cache_mib)
     return phase
 
@@ -135,9 +136,7 @@ def _measure(
         result = CanaryMemory(
             dataset, len(replay), len(set(replay.users)), len(set(replay.items)), share, cache_mb
         )
-        result.phases.append(
-            Phase("before loading", round(proc_status_mib(os.getpid(), "VmRSS"), 1))
-        )
+        result.phases.append(_phase("before loading"))
         watcher = VersionWatcher(store, "cpu", 3600.0, cache_bytes=cache_mb * 2**20)
         result.phases.append(_phase("live version loaded", watcher.serving))
         half = len(replay) // 2
