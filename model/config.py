@@ -11,6 +11,7 @@ from pydantic import BaseModel, Field, model_validator
 BlockStyle = Literal["pre-norm", "sasrec"]
 BLOCK_STYLES: tuple[str, ...] = get_args(BlockStyle)
 HistoryUse = Literal["newest", "all"]
+Loss = Literal["auto", "ce", "sampled-ce"]
 
 
 class TrainConfig(BaseModel):
@@ -31,11 +32,17 @@ class TrainConfig(BaseModel):
         description="Training rows per user: newest, the newest max_len + 1 items (as "
         "SASRec); all, every item, the older ones in windows of max_len + 1.",
     )
-    loss: Literal["ce", "sampled-ce"] = Field(
-        "ce", description="Full softmax cross-entropy, or sampled softmax over negatives."
+    loss: Loss = Field(
+        "auto",
+        description="ce: full softmax cross-entropy; sampled-ce: softmax over negatives "
+        "drawn by item frequency, with a logQ correction; auto: ce up to "
+        "full_softmax_items items, sampled-ce above.",
+    )
+    full_softmax_items: int = Field(
+        20_000, ge=1, description="Largest catalogue that loss auto trains with ce."
     )
     negatives: int = Field(
-        256, ge=1, description="Sampled negatives per position when loss is sampled-ce."
+        1024, ge=1, description="Negatives per batch (shared by its positions) for sampled-ce."
     )
     epochs: int = Field(200, ge=1, description="Most epochs (early stopping ends sooner).")
     batch_size: int = Field(128, ge=1, description="Training sequences per step.")
@@ -51,6 +58,14 @@ class TrainConfig(BaseModel):
     seed: int = Field(42, description="Random seed of initialisation, shuffling and dropout.")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
     threads: int = Field(0, ge=0, description="torch intra-op threads; 0 keeps torch's default.")
+
+    def resolved(self, num_items: int) -> "TrainConfig":
+        """This configuration with its ``auto`` settings chosen for ``num_items``
+        items: what training runs and the manifest records."""
+        if self.loss != "auto":
+            return self
+        loss = "ce" if num_items <= self.full_softmax_items else "sampled-ce"
+        return self.model_copy(update={"loss": loss})
 
     @model_validator(mode="after")
     def _heads_divide_dim(self) -> "TrainConfig":

@@ -73,7 +73,7 @@ def train_and_publish(
     with ``item_texts`` (item id -> text), its text tower too (``model.item_text``)."""
     result = train_sasrec(data, train_cfg, progress=progress)
     version = publish_trained(
-        result, data, data_info, out, train_cfg, index_cfg, switch=switch, item_texts=item_texts
+        result, data, data_info, out, index_cfg, switch=switch, item_texts=item_texts
     )
     return PublishedModel(version, result)
 
@@ -83,7 +83,6 @@ def publish_trained(
     data: SequenceData,
     data_info: Mapping[str, Any],
     out: Path,
-    train_cfg: TrainConfig,
     index_cfg: IndexConfig,
     *,
     switch: bool = True,
@@ -99,7 +98,7 @@ def publish_trained(
     popularity = [data.item_ids[i] for i in result.popularity[:1000].tolist() if i]
     info = {
         "model": "sasrec",
-        "hyperparameters": train_cfg.model_dump(),
+        "hyperparameters": result.config.model_dump(),
         "training_data": {
             **data_info,
             "users": len(data.users),
@@ -135,7 +134,7 @@ def publish_trained(
         encoder=script_encoder(model),
         item_embeddings=embeddings,
         item_ids=data.item_ids,
-        max_len=train_cfg.max_len,
+        max_len=result.config.max_len,
         popularity=popularity,
         info=info,
     )

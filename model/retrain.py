@@ -251,7 +251,6 @@ def run_retrain(
             data,
             data_info,
             root,
-            train_cfg,
             index_cfg,
             switch=False,
             extra_info={"retrain": outcome.gate_record()},

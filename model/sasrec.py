@@ -18,11 +18,44 @@ from torch import Tensor, nn
 from model.config import BLOCK_STYLES, TrainConfig
 
 
+class ByteDropout(nn.Module):
+    """Dropout whose mask comes from random bytes, 8 to a 64-bit draw.
+
+    ``nn.Dropout`` draws one Bernoulli sample per element, and on CPU that draw was a
+    quarter of a MovieLens-1M training step (``recstream bench train`` measures it).
+    Here one 64-bit draw masks eight elements: a byte under ``round(p * 256)`` drops
+    its element, so the rate is ``p`` rounded to 1/256, and kept elements are scaled by
+    ``256 / (256 - round(p * 256))`` so that the expectation is unchanged. Identity in
+    evaluation, as ``nn.Dropout``.
+    """
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {p}")
+        self.p = p
+        self.cut = round(p * 256)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.cut == 0:
+            return x
+        return self._drop(x)
+
+    @torch.jit.unused  # training only: the exported encoder never runs it
+    def _drop(self, x: Tensor) -> Tensor:
+        n = x.numel()
+        # randint over the whole int64 range: every byte uniform (random_() leaves the
+        # top bit of each draw 0).
+        draws = torch.randint(-(2**63), 2**63 - 1, ((n + 7) // 8,), device=x.device)
+        bytes_ = draws.view(torch.uint8)[:n].view(x.shape)
+        return x * (bytes_ >= self.cut).to(x.dtype).mul_(256.0 / (256 - self.cut))
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, dim: int, heads: int, dropout: float) -> None:
         super().__init__()
         self.heads = heads
-        self.dropout = dropout
+        self.weight_drop = ByteDropout(dropout)
         self.qkv = nn.Linear(dim, 3 * dim)
         self.out = nn.Linear(dim, dim)
 
@@ -55,14 +88,31 @@ class CausalSelfAttention(nn.Module):
         q = q.reshape(batch, queries, self.heads, head_dim).transpose(1, 2)
         k = k.reshape(batch, keys, self.heads, head_dim).transpose(1, 2)
         v = v.reshape(batch, keys, self.heads, head_dim).transpose(1, 2)
-        drop = self.dropout if self.training else 0.0
-        # Items first, padding after: the causal mask alone keeps every item's query off
-        # the padding, so no mask tensor is built and the kernel skips the masked half.
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=drop, is_causal=causal
-        )
+        if self.training and self.weight_drop.cut > 0:
+            y = self._attend_dropping(q, k, v, mask, causal)
+        else:
+            # Items first, padding after: the causal mask alone keeps every item's query
+            # off the padding, so no mask tensor is built and the kernel skips the
+            # masked half.
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
         out: Tensor = self.out(y.transpose(1, 2).reshape(batch, queries, dim))
         return out
+
+    @torch.jit.unused  # training only
+    def _attend_dropping(
+        self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool
+    ) -> Tensor:
+        """Attention with dropout on its weights, as SASRec, through ``ByteDropout``
+        (the fused kernel draws one Bernoulli sample per weight)."""
+        scores = (q @ k.transpose(-2, -1)) * (q.size(-1) ** -0.5)
+        if causal:
+            length = scores.size(-1)
+            future = torch.ones(length, length, dtype=torch.bool, device=q.device).triu(1)
+            scores = scores.masked_fill(future, -torch.inf)
+        elif mask is not None:
+            scores = scores.masked_fill(~mask, -torch.inf)
+        weights: Tensor = self.weight_drop(scores.softmax(dim=-1))
+        return weights @ v
 
 
 class Block(nn.Module):
@@ -84,8 +134,10 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(dim, heads, dropout)
         self.norm2 = nn.LayerNorm(dim)
         act: nn.Module = nn.ReLU() if self.sasrec else nn.GELU()
-        self.ffn = nn.Sequential(nn.Linear(dim, dim), act, nn.Dropout(dropout), nn.Linear(dim, dim))
-        self.drop = nn.Dropout(dropout)
+        self.ffn = nn.Sequential(
+            nn.Linear(dim, dim), act, ByteDropout(dropout), nn.Linear(dim, dim)
+        )
+        self.drop = ByteDropout(dropout)
 
     def _feed_forward(self, x: Tensor) -> Tensor:
         normed: Tensor = self.norm2(x)
@@ -162,7 +214,7 @@ class SASRec(nn.Module):
         self.dim = dim
         self.item_emb = nn.Embedding(num_items + 1, dim, padding_idx=0)
         self.pos_emb = nn.Embedding(max_len, dim)
-        self.emb_drop = nn.Dropout(dropout)
+        self.emb_drop = ByteDropout(dropout)
         self.blocks = nn.ModuleList([Block(dim, heads, dropout, block) for _ in range(blocks)])
         self.final_norm = nn.LayerNorm(dim)
         self.scale = math.sqrt(dim)

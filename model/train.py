@@ -44,6 +44,7 @@ class TrainResult:
     popularity_valid: Metrics
     popularity_test: Metrics
     popularity: IntArray  # item indices, most popular first, from all known interactions
+    config: TrainConfig  # what trained, its auto settings chosen (TrainConfig.resolved)
     history: list[EpochStats] = field(default_factory=list)
     wall_s: float = 0.0
     peak_rss_mb: float = 0.0
@@ -94,10 +95,43 @@ def training_matrix(
     return out
 
 
+class NegativeSampler:
+    """Negatives for the sampled softmax, drawn with replacement in proportion to how
+    often each item is a training target (plus one, so that every item can be drawn),
+    and their log-probabilities for the logQ correction.
+
+    Frequent items are the hard negatives a uniform draw almost never picks; subtracting
+    ``log q`` from every candidate's logit (Bengio & Senecal; Yi et al., RecSys 2019)
+    makes the sampled softmax an unbiased estimate of the full one, instead of one that
+    learns to push popular items down.
+    """
+
+    def __init__(self, target_counts: IntArray, negatives: int, device: torch.device) -> None:
+        weights = target_counts.astype(np.float64) + 1.0
+        weights[0] = 0.0  # padding is never a candidate
+        probs = torch.from_numpy(weights / weights.sum())
+        self.negatives = negatives
+        self.probs = probs.float().to(device)
+        self.log_q = torch.log(probs.clamp(min=1e-30)).float().to(device)
+
+    @classmethod
+    def for_matrix(
+        cls, matrix: IntArray, num_items: int, negatives: int, device: torch.device
+    ) -> "NegativeSampler":
+        """From the targets of a :func:`training_matrix`."""
+        targets = matrix[:, 1:][(matrix[:, 1:] != 0) & (matrix[:, :-1] != 0)]
+        return cls(np.bincount(targets, minlength=num_items + 1), negatives, device)
+
+    def draw(self) -> torch.Tensor:
+        """Item indices [negatives], shared by a batch's positions."""
+        return torch.multinomial(self.probs, self.negatives, replacement=True)
+
+
 def sequence_loss(
-    model: SASRec, batch: torch.Tensor, cfg: TrainConfig, num_items: int
+    model: SASRec, batch: torch.Tensor, sampler: NegativeSampler | None = None
 ) -> torch.Tensor:
-    """Next-item cross-entropy at every non-padded position of ``batch`` [B, L + 1]."""
+    """Next-item cross-entropy at every non-padded position of ``batch`` [B, L + 1]:
+    over every item, or with ``sampler`` over the target and the sampler's negatives."""
     # Drop columns that are padding for the whole batch: exact (padding is masked), cheaper.
     first = int((batch != 0).any(dim=0).nonzero()[0])
     batch = batch[:, min(first, batch.size(1) - 2) :]
@@ -107,14 +141,13 @@ def sequence_loss(
     hidden = model(inputs)[mask]
     target = targets[mask]
     emb = model.item_embeddings()
-    if cfg.loss == "ce":
+    if sampler is None:
         # Padding (row 0) is never a next item: leave it out of the softmax.
         return F.cross_entropy(hidden @ emb[1:].T, target - 1)
-    # Sampled softmax: the positive against negatives shared across the batch, with
-    # accidental hits masked out.
-    negatives = torch.randint(1, num_items + 1, (cfg.negatives,), device=batch.device)
-    pos_logits = (hidden * emb[target]).sum(dim=1, keepdim=True)
-    neg_logits = hidden @ emb[negatives].T
+    negatives = sampler.draw()
+    pos_logits = (hidden * emb[target]).sum(dim=1, keepdim=True) - sampler.log_q[target, None]
+    neg_logits = hidden @ emb[negatives].T - sampler.log_q[negatives]
+    # A negative that is the position's own target is not a negative.
     neg_logits = neg_logits.masked_fill(negatives.unsqueeze(0) == target.unsqueeze(1), -torch.inf)
     logits = torch.cat([pos_logits, neg_logits], dim=1)
     return F.cross_entropy(logits, torch.zeros_like(target))
@@ -140,6 +173,12 @@ def train_sasrec(
     if len(matrix) == 0:
         raise DataError("no user has enough interactions to train on (need at least 4 each)")
 
+    cfg = cfg.resolved(num_items)
+    sampler = (
+        NegativeSampler.for_matrix(matrix, num_items, cfg.negatives, device)
+        if cfg.loss == "sampled-ce"
+        else None
+    )
     model = SASRec.from_config(num_items, cfg).to(device)
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=cfg.lr, betas=(0.9, 0.98), weight_decay=cfg.weight_decay
@@ -175,7 +214,7 @@ def train_sasrec(
             idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
             batch = torch.from_numpy(matrix[idx]).to(device)
             samples += int(((batch[:, 1:] != 0) & (batch[:, :-1] != 0)).sum())
-            loss = sequence_loss(model, batch, cfg, num_items)
+            loss = sequence_loss(model, batch, sampler)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()  # type: ignore[no-untyped-call]
             optimizer.step()
@@ -224,6 +263,7 @@ def train_sasrec(
         popularity_valid=pop_valid,
         popularity_test=pop_test,
         popularity=pop_all,
+        config=cfg,
         history=history,
         wall_s=time.perf_counter() - started,
         peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

@@ -905,6 +905,33 @@ def bench_text(
     typer.echo(run_text_speed(data_root, texts, runs, add, artifacts, out))
 
 
+@bench_app.command("train")
+def bench_train(
+    data: DataOpt,
+    fmt: FormatOpt = None,
+    columns: Annotated[
+        str | None, typer.Option(help="Column mapping for csv/parquet: user=COL,item=COL,...")
+    ] = None,
+    variants: Annotated[
+        str,
+        typer.Option(help="Comma-separated variants; the first is the baseline."),
+    ] = "torch-dropout,base,bf16,batch-128,batch-512,sampled",
+    rounds: Annotated[int, typer.Option(min=1, help="Turns each variant takes.")] = 5,
+    steps: Annotated[int, typer.Option(min=1, help="Timed steps per variant per turn.")] = 6,
+    out: BenchOutOpt = Path("bench-out/train"),
+) -> None:
+    """Training step speed, variants side by side, on a log file with the
+    RECSTREAM_TRAIN__* settings (dropout's draw, bf16, batch size, sampled softmax)."""
+    from model.data import build_sequence_data, load_interactions
+
+    run_training_speed = _tool("bench.training").run_training_speed
+    settings = load_settings()
+    log = load_interactions(data, fmt, _columns(columns))
+    chosen = [v.strip() for v in variants.split(",") if v.strip()]
+    sequences = build_sequence_data(log.sequences())
+    typer.echo(run_training_speed(data.stem, sequences, settings.train, chosen, rounds, steps, out))
+
+
 @bench_app.command("encoder")
 def bench_encoder(
     out: BenchOutOpt = Path("bench-out/encoder"),

@@ -5,12 +5,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from model.artifacts import load_version, read_current
 from model.config import IndexConfig, TrainConfig
 from model.data import build_sequence_data
 from model.pipeline import evaluate_version, train_and_publish
-from model.train import train_sasrec, training_matrix
+from model.sasrec import ByteDropout, SASRec
+from model.train import NegativeSampler, sequence_loss, train_sasrec, training_matrix
 from stream_worker.produce import generated_log
 
 TINY = TrainConfig(
@@ -71,6 +73,66 @@ def test_sampled_softmax_also_learns() -> None:
     assert train_sasrec(data, cfg, progress=False).test["hr@10"] > 0.8
 
 
+def test_auto_loss_takes_the_full_softmax_up_to_the_threshold() -> None:
+    cfg = TrainConfig(full_softmax_items=1000)
+    assert cfg.loss == "auto"
+    assert cfg.resolved(1000).loss == "ce"
+    assert cfg.resolved(1001).loss == "sampled-ce"
+    assert TrainConfig(loss="ce").resolved(10**6).loss == "ce"  # a choice stays
+
+
+def test_byte_dropout_drops_at_its_rate_and_keeps_the_expectation() -> None:
+    torch.manual_seed(0)
+    drop = ByteDropout(0.2)
+    x = torch.ones(400_000)
+    y = drop(x)
+    dropped = (y == 0).float()
+    assert dropped.mean().item() == pytest.approx(51 / 256, abs=0.003)
+    # Every byte of a 64-bit draw is uniform: each of the 8 lanes drops alike.
+    for lane in range(8):
+        assert dropped[lane::8].mean().item() == pytest.approx(51 / 256, abs=0.006)
+    assert y.mean().item() == pytest.approx(1.0, abs=0.01)
+    assert drop.eval()(x) is x
+
+
+def test_negative_sampler_draws_by_target_frequency() -> None:
+    torch.manual_seed(0)
+    counts = np.array([0, 97, 1, 1, 0])  # item 4 is never a target: drawn as 1 in 103
+    sampler = NegativeSampler(counts, 20_000, torch.device("cpu"))
+    drawn = np.bincount(sampler.draw().numpy(), minlength=5) / 20_000
+    assert drawn[0] == 0
+    assert drawn[1] == pytest.approx(98 / 103, abs=0.01)
+    assert drawn[4] == pytest.approx(1 / 103, abs=0.003)
+    assert sampler.log_q[1].item() == pytest.approx(np.log(98 / 103), rel=1e-5)
+
+
+def test_logq_correction_makes_the_sampled_gradient_the_full_softmax_one() -> None:
+    """Averaged over draws, the sampled softmax's gradient points where the full
+    softmax's does when popular negatives are corrected by log q, and elsewhere when
+    they are not."""
+    torch.manual_seed(0)
+    items = 40
+    model = SASRec(items, max_len=6, dim=16, blocks=1, dropout=0.0)
+    rng = np.random.default_rng(0)
+    # Targets skewed to a few popular items, as real logs are.
+    rows = rng.zipf(1.6, size=(64, 7)).clip(1, items)
+    batch = torch.from_numpy(rows.astype(np.int64))
+
+    def grad(sampler: NegativeSampler | None) -> torch.Tensor:
+        model.zero_grad()
+        sequence_loss(model, batch, sampler).backward()  # type: ignore[no-untyped-call]
+        return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+    full = grad(None)
+    sampler = NegativeSampler.for_matrix(rows, items, 256, torch.device("cpu"))
+    corrected = torch.stack([grad(sampler) for _ in range(30)]).mean(dim=0)
+    sampler.log_q = torch.zeros_like(sampler.log_q)  # the same draws, uncorrected
+    uncorrected = torch.stack([grad(sampler) for _ in range(30)]).mean(dim=0)
+    cos = torch.nn.functional.cosine_similarity
+    assert cos(corrected, full, dim=0) > 0.95
+    assert cos(uncorrected, full, dim=0) < cos(corrected, full, dim=0) - 0.1
+
+
 def test_early_stopping_stops_before_the_epoch_limit() -> None:
     data = build_sequence_data(cyclic_sequences(users=40))
     cfg = TINY.model_copy(update={"epochs": 200, "patience": 2, "lr": 5e-2})
@@ -94,6 +156,8 @@ def test_train_and_publish_then_evaluate_the_published_version(tmp_path: Path) -
     )
     assert loaded.manifest["training_data"]["users"] == 120
     assert loaded.manifest["hyperparameters"]["dim"] == 16
+    # loss "auto" is recorded as what it chose: 30 items take the full softmax.
+    assert loaded.manifest["hyperparameters"]["loss"] == "ce"
     assert len(loaded.manifest["popularity"]) == 30
     # Evaluating the published artifact (TorchScript) agrees with training's own test.
     evaluation = evaluate_version(sequences, loaded)

@@ -1,0 +1,181 @@
+"""Training speed: what one optimiser step costs, variant by variant, side by side.
+
+Each variant is a model and optimiser of its own, trained on the dataset's real
+training rows (``model.train.training_matrix``). The variants take turns, a few steps
+each, for several rounds, so that a machine that speeds up or slows down over the run
+weighs on all of them alike; each variant's median step time, next-item targets per
+second and ratio to the first variant are printed, with the epoch each would take. One
+full-ranking validation pass (every user, as each epoch runs it) is timed too.
+
+Variants (``--variants``, in this order by default):
+
+- ``torch-dropout``: ``nn.Dropout``'s draw (one Bernoulli sample per element), as
+  training ran before ``ByteDropout``;
+- ``base``: the training loop as it runs now;
+- ``bf16``: ``torch.autocast`` to bfloat16 around the forward pass and loss;
+- ``batch-128``, ``batch-512``: larger batches (the same targets per epoch in fewer
+  steps; training scales the rate, this measures only speed);
+- ``sampled``: the sampled softmax (``loss`` sampled-ce, ``negatives`` as configured)
+  instead of the full one.
+"""
+
+import json
+import logging
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from model.config import TrainConfig
+from model.data import SequenceData, leave_one_out
+from model.errors import ConfigError
+from model.evaluate import evaluate_model
+from model.sasrec import ByteDropout, SASRec
+from model.train import NegativeSampler, sequence_loss, training_matrix
+
+logger = logging.getLogger(__name__)
+
+VARIANTS = ("torch-dropout", "base", "bf16", "batch-128", "batch-512", "sampled")
+
+
+class TorchDropout(ByteDropout):
+    """``ByteDropout`` drawing its mask as ``nn.Dropout`` does, for comparison."""
+
+    def _drop(self, x: Tensor) -> Tensor:
+        return F.dropout(x, self.p, True)
+
+
+@dataclass
+class VariantSpeed:
+    name: str
+    batch_size: int
+    step_ms: list[float] = field(default_factory=list)
+    targets: int = 0  # next-item targets in the timed steps
+
+    @property
+    def targets_per_s(self) -> float:
+        return self.targets / (sum(self.step_ms) / 1000) if self.step_ms else 0.0
+
+
+@dataclass
+class TrainingSpeed:
+    dataset: str
+    items: int
+    rows: int
+    targets_per_epoch: int
+    config: dict[str, object]
+    variants: list[VariantSpeed]
+    validation_s: float
+
+
+@dataclass
+class _Runner:
+    speed: VariantSpeed
+    model: SASRec
+    step: Callable[[Tensor], None]
+
+
+def _runner(
+    name: str, cfg: TrainConfig, num_items: int, matrix: np.ndarray, device: torch.device
+) -> _Runner:
+    torch.manual_seed(cfg.seed)
+    batch_size = int(name.split("-")[1]) if name.startswith("batch-") else cfg.batch_size
+    model = SASRec.from_config(num_items, cfg).to(device)
+    if name == "torch-dropout":
+        for parent in model.modules():
+            for child_name, child in parent.named_children():
+                if isinstance(child, ByteDropout):
+                    setattr(parent, child_name, TorchDropout(child.p))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.98))
+    sampler = (
+        NegativeSampler.for_matrix(matrix, num_items, cfg.negatives, device)
+        if name == "sampled" or cfg.loss == "sampled-ce"
+        else None
+    )
+    model.train()
+
+    def step(batch: Tensor) -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=name == "bf16"):
+            loss = sequence_loss(model, batch, sampler)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()  # type: ignore[no-untyped-call]
+        optimizer.step()
+
+    return _Runner(VariantSpeed(name, batch_size), model, step)
+
+
+def run_training_speed(
+    name: str,
+    data: SequenceData,
+    cfg: TrainConfig,
+    variants: list[str],
+    rounds: int,
+    steps: int,
+    out_dir: Path,
+) -> str:
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        raise ConfigError(f"unknown variant {unknown[0]!r}; choose from {', '.join(VARIANTS)}")
+    device = torch.device("cpu")
+    num_items = data.num_items()
+    cfg = cfg.resolved(num_items)
+    prefixes, valid_targets, _ = leave_one_out(data)
+    matrix = training_matrix(prefixes, cfg.max_len, cfg.history)
+    per_epoch = int(((matrix[:, 1:] != 0) & (matrix[:, :-1] != 0)).sum())
+    runners = [_runner(v, cfg, num_items, matrix, device) for v in variants]
+    rng = np.random.default_rng(cfg.seed)
+    for runner in runners:  # warm-up: allocator, kernels' first calls
+        for _ in range(2):
+            runner.step(torch.from_numpy(matrix[rng.integers(0, len(matrix), cfg.batch_size)]))
+    for round_ in range(rounds):
+        for runner in runners:
+            for _ in range(steps):
+                rows = matrix[rng.integers(0, len(matrix), runner.speed.batch_size)]
+                batch = torch.from_numpy(rows).to(device)
+                started = time.perf_counter()
+                runner.step(batch)
+                runner.speed.step_ms.append((time.perf_counter() - started) * 1000)
+                runner.speed.targets += int(((rows[:, 1:] != 0) & (rows[:, :-1] != 0)).sum())
+        logger.info("round %d of %d done", round_ + 1, rounds)
+    model = runners[0].model.eval()
+    started = time.perf_counter()
+    evaluate_model(model, prefixes, valid_targets)
+    validation_s = time.perf_counter() - started
+    result = TrainingSpeed(
+        name,
+        num_items,
+        len(matrix),
+        per_epoch,
+        cfg.model_dump(include={"dim", "max_len", "blocks", "batch_size", "loss", "negatives"}),
+        [r.speed for r in runners],
+        round(validation_s, 2),
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"training-{name}.json").write_text(json.dumps(asdict(result), indent=2))
+    return _table(result)
+
+
+def _table(result: TrainingSpeed) -> str:
+    base = result.variants[0].targets_per_s
+    lines = [
+        f"{result.dataset}: {result.items:,} items, {result.rows:,} training rows, "
+        f"{result.targets_per_epoch:,} targets per epoch; {result.config}",
+        "",
+        "| variant | batch | median step ms | targets/s | vs first | epoch s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for v in result.variants:
+        tps = v.targets_per_s
+        lines.append(
+            f"| {v.name} | {v.batch_size} | {statistics.median(v.step_ms):.0f} | {tps:,.0f} "
+            f"| {tps / base:.2f}x | {result.targets_per_epoch / tps:.0f} |"
+        )
+    lines.append("")
+    lines.append(f"one validation pass (every user, full ranking): {result.validation_s:.1f} s")
+    return "\n".join(lines)
