@@ -32,6 +32,11 @@ class TrainConfig(BaseModel):
         description="Training rows per user: newest, the newest max_len + 1 items (as "
         "SASRec); all, every item, the older ones in windows of max_len + 1.",
     )
+    event_types: Literal["off", "on"] = Field(
+        "off",
+        description="on: each item's event type (view, click, add_to_cart, purchase) "
+        "adds an input embedding, in training and in the worker.",
+    )
     loss: Loss = Field(
         "auto",
         description="ce: full softmax cross-entropy; sampled-ce: softmax over negatives "

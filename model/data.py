@@ -25,10 +25,9 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from model.errors import DataError
+from model.sequences import EVENT_TYPES, type_codes
 
 logger = logging.getLogger(__name__)
-
-EVENT_TYPES = ("view", "click", "add_to_cart", "purchase")
 
 FORMATS: tuple[str, ...] = (
     "sasrec",
@@ -107,6 +106,18 @@ class InteractionLog:
             else:
                 group.append(inter)
         return {user: [x.item_id for x in _time_sorted(g)] for user, g in groups.items()}
+
+    def event_types(self) -> dict[str, list[str]]:
+        """Per user, the event types of :meth:`sequences`' items, in the same order."""
+        groups: dict[str, list[Interaction]] = {}
+        for inter in self.interactions:
+            groups.setdefault(inter.user_id, []).append(inter)
+        return {user: [x.event_type for x in _time_sorted(g)] for user, g in groups.items()}
+
+    def has_event_types(self) -> bool:
+        """Whether the events differ in type (formats without types all read "view")."""
+        first = self.interactions[0].event_type if self.interactions else None
+        return any(x.event_type != first for x in self.interactions)
 
     def in_event_time_order(self) -> list[Interaction]:
         """All interactions sorted by ts, stably; without ts the file order is kept."""
@@ -912,6 +923,8 @@ class SequenceData:
     item_ids: list[str]  # index -> external id; 0 is the padding placeholder
     users: list[str]
     sequences: list[np.ndarray]  # per user, int64 item indices 1..N, chronological
+    # Per user, the items' event type codes (model.sequences.TYPE_CODES), when known.
+    types: list[np.ndarray] | None = None
 
     def num_items(self) -> int:
         """N, the number of real items (padding excluded)."""
@@ -923,13 +936,16 @@ class SequenceData:
 
 
 def build_sequence_data(
-    sequences: Mapping[str, Sequence[str]], min_length: int = 3
+    sequences: Mapping[str, Sequence[str]],
+    min_length: int = 3,
+    event_types: Mapping[str, Sequence[str]] | None = None,
 ) -> SequenceData:
     """Index items 1..N in order of first appearance over the kept users, in order.
 
     Users with fewer than ``min_length`` items are dropped (counted and logged) and their
     items are not indexed unless a kept user has them too. Raises :class:`DataError` when
-    no user remains.
+    no user remains. ``event_types`` (per user, aligned with ``sequences``) become the
+    data's type codes.
     """
     if min_length < 1:
         raise ValueError(f"min_length must be at least 1, got {min_length}")
@@ -937,6 +953,7 @@ def build_sequence_data(
     item_ids = [PAD_ITEM]
     users: list[str] = []
     arrays: list[np.ndarray] = []
+    codes: list[np.ndarray] = []
     dropped = 0
     for user, seq in sequences.items():
         if len(seq) < min_length:
@@ -952,6 +969,8 @@ def build_sequence_data(
             row.append(idx)
         users.append(user)
         arrays.append(np.asarray(row, dtype=np.int64))
+        if event_types is not None:
+            codes.append(type_codes(event_types[user]))
     if dropped:
         logger.info(
             "dropped %d of %d users with fewer than %d items",
@@ -963,7 +982,12 @@ def build_sequence_data(
         raise DataError(
             f"No user has at least {min_length} items ({len(sequences)} users in the data)."
         )
-    return SequenceData(item_ids=item_ids, users=users, sequences=arrays)
+    return SequenceData(
+        item_ids=item_ids,
+        users=users,
+        sequences=arrays,
+        types=codes if event_types is not None else None,
+    )
 
 
 def leave_one_out(data: SequenceData) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:

@@ -59,15 +59,20 @@ def evaluate_scores(
     batch_size: int = 256,
     progress: bool = False,
     desc: str = "evaluate",
+    seen: Sequence[IntArray] | None = None,
 ) -> Metrics:
-    """Full-ranking metrics of ``score_fn`` ([B, L] -> [B, N + 1]) for next-item ``targets``."""
+    """Full-ranking metrics of ``score_fn`` ([B, L] -> [B, N + 1]) for next-item ``targets``.
+    ``seen`` holds the item indices to rank out when ``inputs`` are not item indices
+    (tokens with event types); by default the inputs themselves."""
     ranks: list[torch.Tensor] = []
+    seen = inputs if seen is None else seen
     starts = range(0, len(inputs), batch_size)
     for start in tqdm(starts, desc=desc, disable=not progress, leave=False, unit="batch"):
         batch = inputs[start : start + batch_size]
         seqs = torch.from_numpy(pad_left(batch, max_len)).to(device)
         tgt = torch.from_numpy(targets[start : start + batch_size]).to(device)
-        ranks.append(ranks_from_scores(score_fn(seqs), batch, tgt).cpu())
+        filtered = seen[start : start + batch_size]
+        ranks.append(ranks_from_scores(score_fn(seqs), filtered, tgt).cpu())
     all_ranks = torch.cat(ranks).numpy() if ranks else np.zeros(0, dtype=np.int64)
     return metrics_from_ranks(all_ranks)
 
@@ -79,8 +84,10 @@ def evaluate_model(
     *,
     progress: bool = False,
     desc: str = "evaluate",
+    seen: Sequence[IntArray] | None = None,
 ) -> Metrics:
-    """Full-ranking metrics of an eager ``model``, in eval mode."""
+    """Full-ranking metrics of an eager ``model``, in eval mode (``seen``: as
+    :func:`evaluate_scores`)."""
     was_training = model.training
     model.eval()
     try:
@@ -93,6 +100,7 @@ def evaluate_model(
             device=device,
             progress=progress,
             desc=desc,
+            seen=seen,
         )
     finally:
         model.train(was_training)

@@ -29,8 +29,8 @@ from model.data import (
     load_interactions,
 )
 from model.evaluate import Metrics, evaluate_popularity, evaluate_scores, popularity_order
-from model.sasrec import script_encoder
-from model.sequences import IntArray
+from model.sasrec import script_encoder, takes_event_types
+from model.sequences import IntArray, pack, type_codes
 from model.train import TrainResult, plot_training_curve, train_sasrec
 
 logger = logging.getLogger(__name__)
@@ -166,21 +166,34 @@ class Evaluation:
 
 
 def evaluate_version(
-    sequences: Mapping[str, list[str]], loaded: LoadedVersion, *, progress: bool = False
+    sequences: Mapping[str, list[str]],
+    loaded: LoadedVersion,
+    *,
+    progress: bool = False,
+    event_types: Mapping[str, list[str]] | None = None,
 ) -> Evaluation:
     """Leave-one-out test metrics of a published version on ``sequences``.
 
     Items the version does not know are dropped from histories; a user whose test
-    target is unknown still counts (as a miss), so the figure is not flattered.
+    target is unknown still counts (as a miss), so the figure is not flattered. A
+    version trained with event types reads them from ``event_types`` (per user, aligned
+    with ``sequences``; without them, as not known).
     """
     index = loaded.item_index()
     unknown = len(loaded.item_ids)  # an index no score row has: never ranked
+    typed = takes_event_types(loaded.encoder)
     inputs: list[IntArray] = []
+    seen: list[IntArray] = []
     targets: list[int] = []
-    for items in sequences.values():
+    for user, items in sequences.items():
         if len(items) < 2:
             continue
-        known = np.array([index[i] for i in items[:-1] if i in index], dtype=np.int64)
+        kept = [n for n, item in enumerate(items[:-1]) if item in index]
+        known = np.array([index[items[n]] for n in kept], dtype=np.int64)
+        seen.append(known)
+        if typed:
+            types = event_types[user] if event_types is not None else [""] * len(items)
+            known = pack(known, type_codes([types[n] for n in kept]))
         inputs.append(known)
         targets.append(index.get(items[-1], unknown))
     emb = torch.from_numpy(loaded.item_embeddings)
@@ -194,10 +207,10 @@ def evaluate_version(
 
     target_arr = np.array(targets, dtype=np.int64)
     model_metrics = evaluate_scores(
-        score, loaded.max_len, inputs, target_arr, progress=progress, desc="evaluate"
+        score, loaded.max_len, inputs, target_arr, progress=progress, desc="evaluate", seen=seen
     )
-    order = popularity_order(inputs, len(loaded.item_ids))
-    pop_scores = evaluate_popularity(order, inputs, target_arr)
+    order = popularity_order(seen, len(loaded.item_ids))
+    pop_scores = evaluate_popularity(order, seen, target_arr)
     return Evaluation(loaded.version, len(inputs), model_metrics, pop_scores)
 
 
@@ -205,4 +218,6 @@ def evaluate_published(
     data_path: Path, root: Path, fmt: str | None = None, *, progress: bool = False
 ) -> Evaluation:
     log = load_interactions(data_path, fmt)
-    return evaluate_version(log.sequences(), load_version(root), progress=progress)
+    return evaluate_version(
+        log.sequences(), load_version(root), progress=progress, event_types=log.event_types()
+    )

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model.config import BLOCK_STYLES, TrainConfig
+from model.sequences import TYPE_BITS, TYPE_MASK
 
 
 class ByteDropout(nn.Module):
@@ -207,11 +208,17 @@ class SASRec(nn.Module):
         heads: int = 1,
         dropout: float = 0.2,
         block: str = "pre-norm",
+        event_types: bool = False,
     ) -> None:
         super().__init__()
         self.num_items = num_items
         self.max_len = max_len
         self.dim = dim
+        # With event types, inputs are tokens (model.sequences.pack): each item's type
+        # adds its own embedding (row 0, type not known, is zero).
+        self.event_types = event_types
+        self.type_bits, self.type_mask = TYPE_BITS, TYPE_MASK  # TorchScript reads no globals
+        self.type_emb = nn.Embedding((1 << TYPE_BITS) if event_types else 1, dim, padding_idx=0)
         self.item_emb = nn.Embedding(num_items + 1, dim, padding_idx=0)
         self.pos_emb = nn.Embedding(max_len, dim)
         self.emb_drop = ByteDropout(dropout)
@@ -222,7 +229,16 @@ class SASRec(nn.Module):
 
     @classmethod
     def from_config(cls, num_items: int, cfg: TrainConfig) -> "SASRec":
-        return cls(num_items, cfg.max_len, cfg.dim, cfg.blocks, cfg.heads, cfg.dropout, cfg.block)
+        return cls(
+            num_items,
+            cfg.max_len,
+            cfg.dim,
+            cfg.blocks,
+            cfg.heads,
+            cfg.dropout,
+            cfg.block,
+            cfg.event_types == "on",
+        )
 
     def _init_weights(self) -> None:
         # N(0, 0.02) weights and zero biases (as GPT-2 and BERT): each residual branch
@@ -234,6 +250,21 @@ class SASRec(nn.Module):
                 nn.init.zeros_(module.bias)
         with torch.no_grad():
             self.item_emb.weight[0].zero_()
+            self.type_emb.weight[0].zero_()
+
+    def embed(self, tokens: Tensor, positions: Tensor) -> Tensor:
+        """Input vectors of item indices (or, with event types, tokens) at ``positions``."""
+        if self.event_types:
+            items = tokens >> self.type_bits
+            x: Tensor = self.item_emb(items) * self.scale + self.type_emb(tokens & self.type_mask)
+        else:
+            x = self.item_emb(tokens) * self.scale
+        out: Tensor = x + self.pos_emb(positions)
+        return out
+
+    def targets(self, tokens: Tensor) -> Tensor:
+        """Item indices of input tokens (the tokens themselves without event types)."""
+        return tokens >> self.type_bits if self.event_types else tokens
 
     def forward(self, seqs: Tensor, last_only: bool = False) -> Tensor:
         """Left-padded item indices [B, L] (L <= max_len; padding only before the items)
@@ -250,8 +281,7 @@ class SASRec(nn.Module):
         # Positions count from the oldest item in the window, whatever the padding: for a
         # history shorter than the window they say how far into it the user is (first
         # items differ: sign-up pages, popular picks).
-        x = self.item_emb(seqs) * self.scale + self.pos_emb(cols)
-        x = self.emb_drop(x) * keep
+        x = self.emb_drop(self.embed(seqs, cols)) * keep
         last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
             if last_only and i == last:
@@ -291,7 +321,7 @@ class SASRec(nn.Module):
         cols = torch.arange(new, device=items.device)
         keep = (items != 0).unsqueeze(-1).to(self.item_emb.weight.dtype)
         positions = (cached.unsqueeze(1) + cols).clamp(max=self.max_len - 1)
-        x = self.emb_drop(self.item_emb(items) * self.scale + self.pos_emb(positions)) * keep
+        x = self.emb_drop(self.embed(items, positions)) * keep
         # A new item sees the row's valid cached positions and the new items up to
         # itself; the last block computes only each row's newest item.
         seen_old = torch.arange(past, device=items.device).view(1, past) < cached.view(batch, 1)
@@ -347,6 +377,12 @@ class Encoder(nn.Module):
         return self.model.extend(items, cache, cached)
 
     @torch.jit.export
+    def event_types(self) -> bool:
+        """Whether inputs are tokens carrying event types (model.sequences.pack); an
+        encoder without this method takes plain item indices."""
+        return self.model.event_types
+
+    @torch.jit.export
     def cache_width(self) -> int:
         """Floats ``extend`` keeps per cached item: keys and values of every block."""
         return len(self.model.blocks) * 2 * self.model.dim
@@ -366,6 +402,12 @@ def load_encoder(path: str, map_location: str = "cpu") -> torch.jit.ScriptModule
     with _quiet_jit():
         encoder: torch.jit.ScriptModule = torch.jit.load(path, map_location=map_location)  # type: ignore[no-untyped-call]
     return encoder.eval()
+
+
+def takes_event_types(encoder: torch.jit.ScriptModule) -> bool:
+    """Whether a loaded encoder reads tokens with event types (``model.sequences.pack``);
+    encoders exported before event types existed read item indices."""
+    return hasattr(encoder, "event_types") and bool(encoder.event_types())
 
 
 def script_encoder(model: SASRec) -> torch.jit.ScriptModule:

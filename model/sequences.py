@@ -7,6 +7,24 @@ import numpy.typing as npt
 
 IntArray = npt.NDArray[np.int64]
 
+# Event types in a model's input: a token is ``item << TYPE_BITS | type code``, the code
+# 1 + the type's place in EVENT_TYPES (0: not known). Item indices, padding 0 and every
+# helper below work on tokens unchanged; only the model and the loss take them apart.
+EVENT_TYPES = ("view", "click", "add_to_cart", "purchase")
+TYPE_BITS = 3
+TYPE_MASK = (1 << TYPE_BITS) - 1
+TYPE_CODES = {name: code for code, name in enumerate(EVENT_TYPES, start=1)}
+
+
+def type_codes(types: Sequence[str]) -> IntArray:
+    """Event type names to codes (an unknown name is 0)."""
+    return np.fromiter((TYPE_CODES.get(t, 0) for t in types), dtype=np.int64, count=len(types))
+
+
+def pack(items: Sequence[int] | IntArray, codes: Sequence[int] | IntArray) -> IntArray:
+    """Item indices and their event type codes as tokens."""
+    return (np.asarray(items, dtype=np.int64) << TYPE_BITS) | np.asarray(codes, dtype=np.int64)
+
 
 def pad_left(seqs: Sequence[Sequence[int] | IntArray], max_len: int) -> IntArray:
     """Keep the newest ``max_len`` items of each sequence, left-padded with 0, as [B, L].

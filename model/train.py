@@ -20,7 +20,7 @@ from model.data import SequenceData, leave_one_out
 from model.errors import ConfigError, DataError
 from model.evaluate import Metrics, evaluate_model, evaluate_popularity, popularity_order
 from model.sasrec import SASRec
-from model.sequences import IntArray
+from model.sequences import TYPE_BITS, IntArray, pack
 
 logger = logging.getLogger(__name__)
 
@@ -139,7 +139,7 @@ def sequence_loss(
     # A user's first item has no history to predict it from: not a target.
     mask = (targets != 0) & (inputs != 0)
     hidden = model(inputs)[mask]
-    target = targets[mask]
+    target = model.targets(targets[mask])
     emb = model.item_embeddings()
     if sampler is None:
         # Padding (row 0) is never a next item: leave it out of the softmax.
@@ -169,13 +169,27 @@ def train_sasrec(
     num_items = data.num_items()
     prefixes, valid_targets, test_targets = leave_one_out(data)
     test_inputs = [seq[:-1] for seq in data.sequences]
-    matrix = training_matrix(prefixes, cfg.max_len, cfg.history)
+    # What the model reads: item indices, or with event types tokens (model.sequences.pack).
+    model_prefixes, model_test_inputs = prefixes, test_inputs
+    if cfg.event_types == "on":
+        if data.types is None:
+            raise ConfigError("event_types is on, but the training data has no event types")
+        model_prefixes = [pack(p, t[: len(p)]) for p, t in zip(prefixes, data.types, strict=True)]
+        model_test_inputs = [
+            pack(seq, t[: len(seq)]) for seq, t in zip(test_inputs, data.types, strict=True)
+        ]
+    matrix = training_matrix(model_prefixes, cfg.max_len, cfg.history)
     if len(matrix) == 0:
         raise DataError("no user has enough interactions to train on (need at least 4 each)")
 
     cfg = cfg.resolved(num_items)
     sampler = (
-        NegativeSampler.for_matrix(matrix, num_items, cfg.negatives, device)
+        NegativeSampler.for_matrix(
+            matrix >> TYPE_BITS if cfg.event_types == "on" else matrix,
+            num_items,
+            cfg.negatives,
+            device,
+        )
         if cfg.loss == "sampled-ce"
         else None
     )
@@ -225,7 +239,9 @@ def train_sasrec(
         stats = EpochStats(epoch, total / max(steps, 1), trained_s)
         stats.samples_per_s = round(samples / max(trained_s, 1e-9), 1)
         if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
-            valid = evaluate_model(model, prefixes, valid_targets, progress=progress, desc="valid")
+            valid = evaluate_model(
+                model, model_prefixes, valid_targets, seen=prefixes, progress=progress, desc="valid"
+            )
             stats.valid_ndcg10, stats.valid_hr10 = valid["ndcg@10"], valid["hr@10"]
             if valid["ndcg@10"] > best_ndcg:
                 best_ndcg, best_epoch, stale = valid["ndcg@10"], epoch, 0
@@ -248,8 +264,10 @@ def train_sasrec(
 
     model.load_state_dict(best_state)
     model.eval()
-    valid = evaluate_model(model, prefixes, valid_targets)
-    test = evaluate_model(model, test_inputs, test_targets, progress=progress, desc="test")
+    valid = evaluate_model(model, model_prefixes, valid_targets, seen=prefixes)
+    test = evaluate_model(
+        model, model_test_inputs, test_targets, seen=test_inputs, progress=progress, desc="test"
+    )
     # The baseline sees what the model saw: training prefixes for validation, and
     # everything before the test item for test.
     pop_valid = evaluate_popularity(popularity_order(prefixes, num_items), prefixes, valid_targets)

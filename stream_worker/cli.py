@@ -151,6 +151,14 @@ def train(
     log = load_interactions(data, fmt, _columns(columns))
     info = fingerprint(log)
     sequences = log.sequences()
+    types = None
+    if cfg.event_types == "on":
+        if not log.has_event_types():
+            raise ConfigError(f"RECSTREAM_TRAIN__EVENT_TYPES is on, but every event in {data} "
+                              "has one type")  # fmt: skip
+        if protocol == "cold-items":
+            raise ConfigError("the cold-items protocol trains without event types")
+        types = log.event_types()
     if protocol == "cold-items":
         from model.cold_items import FRACTION, cold_split, without
 
@@ -160,7 +168,8 @@ def train(
         typer.echo(f"cold-items protocol: {len(split.cold)} items withheld from training", err=True)
     with workspace(_store(settings, out)) as root:
         published = train_and_publish(
-            build_sequence_data(sequences), info, root, cfg, index_cfg, progress=progress,
+            build_sequence_data(sequences, event_types=types), info, root, cfg, index_cfg,
+            progress=progress,
             item_texts=texts,
         )  # fmt: skip
     r = published.result

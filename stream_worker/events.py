@@ -19,10 +19,10 @@ from enum import StrEnum
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
+from model.sequences import EVENT_TYPES  # one list for the model and the events
+
 if TYPE_CHECKING:
     from stream_worker.settings import WorkerSettings
-
-EVENT_TYPES = ("view", "click", "add_to_cart", "purchase")
 
 
 @dataclass(frozen=True, slots=True)

@@ -39,6 +39,7 @@ from stream_worker.store import (
     apply_batch,
     database_problem,
     load_sequences,
+    load_types,
     stored_offsets,
 )
 
@@ -227,20 +228,27 @@ class BatchProcessor:
         items, kept in the state for online scoring)."""
         k = max(self.settings.worker.top_k, max(self.online_ks))
         sequences = dict(applied.sequences)
+        types = dict(applied.types)
         last_event = dict(applied.last_event)
         # Re-delivered events (a crash after the DB commit, before the publish) are not
         # applied twice, but their users still get a recommendation from stored state.
         replayed = {e.user_id: e for e in events if e.user_id not in sequences}
         if replayed:
             sequences.update(load_sequences(self.engine, list(replayed)))
+            if any(r.event_types for r in serving.recommenders):
+                types.update(load_types(self.engine, list(replayed)))
             for user, event in replayed.items():
                 last_event.setdefault(user, event)
         if self.settings.worker.emit_per_event:
-            return self._recommend_per_event(applied, sequences, serving, k, times)
+            return self._recommend_per_event(applied, sequences, types, serving, k, times)
         answered = Answered()
         for recommender, users in serving.split(sequences):
             ranked = recommender.recommend(
-                {user: sequences[user] for user in users}, k, times, {user: user for user in users}
+                {user: sequences[user] for user in users},
+                k,
+                times,
+                {user: user for user in users},
+                types,
             )
             produced = self.now_ms()
             for user, items in ranked.items():
@@ -252,6 +260,7 @@ class BatchProcessor:
         self,
         applied: AppliedBatch,
         sequences: dict[str, list[str]],
+        types: dict[str, str],
         serving: Serving,
         k: int,
         times: StageTimes,
@@ -262,6 +271,7 @@ class BatchProcessor:
         for event in applied.applied_events:
             remaining[event.user_id] = remaining.get(event.user_id, 0) + 1
         states: dict[str, list[str]] = {}
+        state_types: dict[str, str] = {}
         users: dict[str, str] = {}
         order: list[tuple[str, ClickEvent]] = []
         for i, event in enumerate(applied.applied_events):
@@ -269,12 +279,15 @@ class BatchProcessor:
             full = sequences[event.user_id]
             key = f"{i}\x00{event.user_id}"
             states[key] = full[: len(full) - remaining[event.user_id]]
+            state_types[key] = types.get(event.user_id, "")[: len(states[key])]
             users[key] = event.user_id
             order.append((key, event))
         ranked: dict[str, Ranked] = {}
         served: dict[str, Recommender] = {}
         for recommender, keys in serving.split(states, users):
-            ranked |= recommender.recommend({key: states[key] for key in keys}, k, times, users)
+            ranked |= recommender.recommend(
+                {key: states[key] for key in keys}, k, times, users, state_types
+            )
             served |= dict.fromkeys(keys, recommender)
         produced = self.now_ms()
         answered = Answered()

@@ -4,6 +4,7 @@ Pure ranking (``top_k_unseen``, ``popular_unseen``) is kept apart from the runti
 holds the TorchScript encoder and the FAISS index, so it is tested without either.
 """
 
+import functools
 import hashlib
 import logging
 import threading
@@ -21,7 +22,8 @@ from model.artifact_store import ArtifactStore, Canary, fetch, prune_cache
 from model.artifacts import LoadedVersion, list_versions, load_version
 from model.errors import ArtifactError
 from model.index import ExactScorer, search, to_device
-from model.sequences import pad_left, pad_right
+from model.sasrec import takes_event_types
+from model.sequences import pack, pad_left, pad_right
 from model.train import resolve_device
 from stream_worker.encoder_cache import CachedUser, EncoderCache, Reuse, reuse
 
@@ -117,6 +119,11 @@ class Recommender:
     scorer: ExactScorer | None = None
     # Most histories per encoder call (``ENCODE_ROWS``).
     encode_rows: int = ENCODE_ROWS
+
+    @functools.cached_property
+    def event_types(self) -> bool:
+        """Whether the encoder reads event types with the items (``takes_event_types``)."""
+        return takes_event_types(self.loaded.encoder)
 
     @classmethod
     def load(
@@ -285,18 +292,28 @@ class Recommender:
         k: int,
         times: StageTimes | None = None,
         cache_keys: Mapping[str, str] | None = None,
+        types: Mapping[str, str] | None = None,
     ) -> dict[str, Ranked]:
         """Top ``k`` unseen items for each user's sequence (external ids, newest last).
         ``cache_keys`` names each sequence's user for the encoder cache (left out: no
-        reuse, nothing cached)."""
+        reuse, nothing cached). ``types`` holds each sequence's event type codes (one
+        digit per item, ``store.stored_types``), read by a version trained with event
+        types; without them the types are not known."""
         out: dict[str, Ranked] = {}
         known_users: list[str] = []
         histories: list[list[int]] = []
+        tokens: list[list[int]] = []  # what the encoder reads: histories, typed or not
         for user, items in sequences.items():
-            indices = [self.item_index[i] for i in items if i in self.item_index]
+            kept = [n for n, i in enumerate(items) if i in self.item_index]
+            indices = [self.item_index[items[n]] for n in kept]
             if indices:
                 known_users.append(user)
                 histories.append(indices)
+                if self.event_types:
+                    codes = (types or {}).get(user, "")
+                    if len(codes) != len(items):
+                        codes = "0" * len(items)
+                    tokens.append(pack(indices, [int(codes[n]) for n in kept]).tolist())
             else:
                 out[user] = popular_unseen(self.loaded.manifest["popularity"], set(items), k)
                 if times is not None:
@@ -305,7 +322,7 @@ class Recommender:
             return out
         started = time.perf_counter()
         users = None if cache_keys is None else [cache_keys[key] for key in known_users]
-        vectors = self.user_vectors(histories, users, times)
+        vectors = self.user_vectors(tokens if self.event_types else histories, users, times)
         encoded = time.perf_counter()
         seen_sets = [set(h) for h in histories]
         depth = search_depth(k, max(map(len, seen_sets)))

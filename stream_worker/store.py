@@ -54,6 +54,7 @@ from sqlalchemy.exc import ArgumentError, DBAPIError, InterfaceError, Operationa
 from sqlalchemy.sql.expression import Executable
 
 from model.errors import ConfigError
+from model.sequences import TYPE_CODES
 from stream_worker.errors import DatabaseNotMigrated, DatabaseUnavailable, StoreError
 from stream_worker.events import ClickEvent
 
@@ -93,6 +94,9 @@ user_sequences = Table(
     # (migration 0003): the user's next event is scored against them (online HR@K).
     Column("last_recommended", JSON, nullable=True),
     Column("last_model_version", String(64), nullable=True),
+    # The items' event types (migration 0004): {"at": event_count, "codes": "1121..."},
+    # one digit per item, valid while "at" equals event_count (see stored_types).
+    Column("event_types", JSON, nullable=True),
 )
 
 # One row: the oldest code revision that can still run on this schema (migration 0002).
@@ -116,13 +120,25 @@ partition_offsets = Table(
 # --------------------------------------------------------------------------- pure logic
 
 
+def stored_types(items: Sequence[str], event_count: int, column: Any) -> str:
+    """A row's event type codes, one digit per item: the ``event_types`` column when it
+    was written at the row's ``event_count`` (code that predates it appends items
+    without it), else "0" (not known) for every item."""
+    if isinstance(column, Mapping) and column.get("at") == event_count:
+        codes = column.get("codes")
+        if isinstance(codes, str) and len(codes) == len(items):
+            return codes
+    return "0" * len(items)
+
+
 class Merge(NamedTuple):
-    """What :func:`merge_events` decided; unpacks as a 4-tuple."""
+    """What :func:`merge_events` decided; unpacks as a 5-tuple."""
 
     sequences: dict[str, list[str]]  # new full sequence of every user with an applied event
     offsets: dict[int, int]  # new last offset of every partition with an applied event
     applied: list[ClickEvent]  # in batch order
     skipped: int  # events at or below the partition's offset (re-deliveries)
+    types: dict[str, str]  # per sequence, its items' event type codes (stored_types)
 
     def event_counts(self) -> Counter[str]:
         """Applied events per user: what each user's ``event_count`` grows by."""
@@ -134,6 +150,7 @@ def merge_events(
     stored_sequences: Mapping[str, Sequence[str]],
     events: Iterable[ClickEvent],
     max_len: int,
+    stored_codes: Mapping[str, str] | None = None,
 ) -> Merge:
     """Apply ``events`` (in batch order) to the stored state, without touching it.
 
@@ -141,12 +158,15 @@ def merge_events(
     stored offset at first, then the offset of the last event applied from the same
     partition in this batch, so a duplicate inside one batch is skipped like a
     re-delivery. Applied items are appended in batch order and each touched sequence
-    keeps its newest ``max_len`` items.
+    keeps its newest ``max_len`` items; their event type codes (``stored_codes``, "0"
+    for items without) follow them.
     """
     if max_len < 1:
         raise ValueError(f"max_len must be at least 1, got {max_len}")
     watermark = dict(stored_offsets)
+    stored_codes = stored_codes or {}
     sequences: dict[str, list[str]] = {}
+    codes: dict[str, list[str]] = {}
     offsets: dict[int, int] = {}
     applied: list[ClickEvent] = []
     skipped = 0
@@ -158,13 +178,17 @@ def merge_events(
         seq = sequences.get(ev.user_id)
         if seq is None:
             seq = sequences[ev.user_id] = list(stored_sequences.get(ev.user_id, ()))
+            known = stored_codes.get(ev.user_id, "")
+            codes[ev.user_id] = list(known if len(known) == len(seq) else "0" * len(seq))
         seq.append(ev.item_id)
+        codes[ev.user_id].append(str(TYPE_CODES.get(ev.event_type, 0)))
         applied.append(ev)
     for seq in sequences.values():
         # Cap once at the end: cheaper than per append, same result.
         if len(seq) > max_len:
             del seq[:-max_len]
-    return Merge(sequences, offsets, applied, skipped)
+    types = {user: "".join(c[-len(sequences[user]) :]) for user, c in codes.items()}
+    return Merge(sequences, offsets, applied, skipped, types)
 
 
 @dataclass
@@ -174,6 +198,7 @@ class AppliedBatch:
     sequences: dict[str, list[str]]  # new full sequence of every user with an applied event
     applied: int
     skipped: int  # events at or below the stored offset (re-deliveries)
+    types: dict[str, str] = field(default_factory=dict)  # per sequence: Merge.types
     last_event: dict[str, ClickEvent] = field(default_factory=dict)  # per user, newest applied
     applied_events: list[ClickEvent] = field(default_factory=list)
     # Per user with an applied event: what was last published to it, and by which model
@@ -547,7 +572,14 @@ def apply_batch(
         )
         rows = _select_sequences(conn, statements.lock_sequences, candidates)
         stored = {user: row[0] for user, row in rows.items()}
-        merged = merge_events(offsets, stored, events, max_len)
+        counts_before = {user: int(row[3]) for user, row in rows.items()}
+        merged = merge_events(
+            offsets,
+            stored,
+            events,
+            max_len,
+            {user: stored_types(row[0], int(row[3]), row[4]) for user, row in rows.items()},
+        )
         advanced = dict(merged.offsets)
         for partition, offset in positions.items():
             if offset > max(offsets.get(partition, NO_OFFSET), advanced.get(partition, NO_OFFSET)):
@@ -558,7 +590,15 @@ def apply_batch(
                 conn,
                 statements.upsert_sequences,
                 [
-                    {"user_id": user, "items": seq, "event_count": counts[user]}
+                    {
+                        "user_id": user,
+                        "items": seq,
+                        "event_count": counts[user],
+                        "event_types": {
+                            "at": counts_before.get(user, 0) + counts[user],
+                            "codes": merged.types[user],
+                        },
+                    }
                     for user, seq in sorted(merged.sequences.items())
                 ],
             )
@@ -580,6 +620,7 @@ def apply_batch(
             sequences=merged.sequences,
             applied=len(merged.applied),
             skipped=merged.skipped,
+            types=merged.types,
             last_event={ev.user_id: ev for ev in merged.applied},
             applied_events=merged.applied,
             previous=previous,
@@ -615,7 +656,7 @@ _UPDATE_LAST = (
 class _Statements(NamedTuple):
     lock_offsets: Executable  # params: topic, partitions (or one row per partition)
     lock_sequences: Executable  # params: user_ids
-    upsert_sequences: Executable  # rows: user_id, items, event_count
+    upsert_sequences: Executable  # rows: user_id, items, event_count, event_types
     upsert_offsets: Executable  # rows: topic, partition, last_offset
 
 
@@ -661,6 +702,8 @@ def _statements(dialect: str) -> _Statements:
             sequences["items"],
             sequences.last_recommended,
             sequences.last_model_version,
+            sequences.event_count,
+            sequences.event_types,
         )
         .where(sequences.user_id.in_(bindparam("user_ids", expanding=True)))
         .order_by(sequences.user_id)
@@ -674,6 +717,7 @@ def _statements(dialect: str) -> _Statements:
             # "items" collides with ColumnCollection.items(): index, never attribute access.
             "items": ins_seq.excluded["items"],
             "event_count": sequences.event_count + ins_seq.excluded.event_count,
+            "event_types": ins_seq.excluded.event_types,
             "updated_at": ins_seq.excluded.updated_at,
         },
     )
@@ -750,6 +794,24 @@ def load_sequences(engine: Engine, user_ids: Iterable[str]) -> dict[str, list[st
     with _transaction(engine) as conn:
         found = _select_sequences(conn, _SELECT_SEQUENCES, wanted)
     return {user: list(items) for user, items in found.items()}
+
+
+_SELECT_TYPES = select(
+    user_sequences.c.user_id,
+    user_sequences.c["items"],
+    user_sequences.c.event_count,
+    user_sequences.c.event_types,
+).where(user_sequences.c.user_id.in_(bindparam("user_ids", expanding=True)))
+
+
+def load_types(engine: Engine, user_ids: Iterable[str]) -> dict[str, str]:
+    """The stored event type codes of ``user_ids`` (``stored_types``)."""
+    wanted = sorted(set(user_ids))
+    if not wanted:
+        return {}
+    with _transaction(engine) as conn:
+        found = _select_sequences(conn, _SELECT_TYPES, wanted)
+    return {user: stored_types(row[0], int(row[1]), row[2]) for user, row in found.items()}
 
 
 def iter_sequences(engine: Engine, batch_size: int = 1000) -> Iterator[tuple[str, list[str]]]:

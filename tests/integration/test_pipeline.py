@@ -38,7 +38,7 @@ from stream_worker.store import (
     stored_offsets,
     user_sequences,
 )
-from tests.integration.worker_harness import TinyModel, publish_tiny_model
+from tests.integration.worker_harness import TinyModel, publish_tiny_model, tiny_event_type
 
 pytestmark = pytest.mark.integration
 
@@ -59,11 +59,51 @@ def processor(tiny: TinyModel, tmp_path: Path, **worker: object) -> BatchProcess
     return BatchProcessor(settings, make_engine(url), watcher, WorkerMetrics())
 
 
-def records(events: list[tuple[str, str, str]], start: int = 0) -> list[RawRecord]:
+def records(
+    events: list[tuple[str, str, str]], start: int = 0, types: list[str] | None = None
+) -> list[RawRecord]:
     now = int(time.time() * 1000)
+    kinds = types or ["view"] * len(events)
     return [
-        RawRecord(user.encode(), event_value(eid, user, item, "view", now), 0, start + n)
-        for n, (eid, user, item) in enumerate(events)
+        RawRecord(user.encode(), event_value(eid, user, item, kind, now), 0, start + n)
+        for n, ((eid, user, item), kind) in enumerate(zip(events, kinds, strict=True))
+    ]
+
+
+@pytest.fixture(scope="module")
+def typed(tmp_path_factory: pytest.TempPathFactory) -> TinyModel:
+    return publish_tiny_model(tmp_path_factory.mktemp("typed"), event_types=True)
+
+
+@pytest.mark.parametrize("cache_mb", [0, 16])
+def test_a_model_with_event_types_reads_them_from_the_events_and_the_state(
+    typed: TinyModel, tmp_path: Path, cache_mb: int
+) -> None:
+    proc = processor(typed, tmp_path, encoder_cache_mb=cache_mb)
+    items = ["item-1", "item-2", "item-3", "item-4"]
+    kinds = ["purchase", "view", "add_to_cart", "click"]
+    first = proc.process(records([("e1", "u", items[0]), ("e2", "u", items[1])], 0, kinds[:2]))
+    # The next batch reads the first two types back from the database.
+    second = proc.process(records([("e3", "u", items[2]), ("e4", "u", items[3])], 2, kinds[2:]))
+    got = [[i["item_id"] for i in json.loads(v)["items"]] for _, v in
+           [*first.recommendations, *second.recommendations]]  # fmt: skip
+    assert got == [
+        typed.offline_top_k(items[:2], 5, kinds[:2]),
+        typed.offline_top_k(items, 5, kinds),
+    ]
+    # The types count: the same items as views, or of types not known, rank otherwise.
+    assert got[1] != typed.offline_top_k(items, 5, ["view"] * 4)
+    assert got[1] != typed.offline_top_k(items, 5, ["?"] * 4)
+
+
+def test_event_types_per_event(typed: TinyModel, tmp_path: Path) -> None:
+    proc = processor(typed, tmp_path, emit_per_event=True)
+    kinds = [tiny_event_type("u", n) for n in range(2)]
+    out = proc.process(records([("e1", "u", "item-1"), ("e2", "u", "item-2")], 0, kinds))
+    recs = [[i["item_id"] for i in json.loads(v)["items"]] for _, v in out.recommendations]
+    assert recs == [
+        typed.offline_top_k(["item-1"], 5, kinds[:1]),
+        typed.offline_top_k(["item-1", "item-2"], 5, kinds),
     ]
 
 

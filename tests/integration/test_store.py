@@ -22,6 +22,7 @@ from stream_worker.store import (
     expected_revision,
     iter_sequences,
     load_sequences,
+    load_types,
     make_engine,
     metadata,
     oldest_reader,
@@ -227,6 +228,31 @@ def test_apply_batch_appends_caps_and_counts(migrated: Engine) -> None:
         ("u2", ["x", "y"]),
         ("u3", ["q"]),
     ]
+
+
+def test_event_types_are_stored_with_their_items(migrated: Engine) -> None:
+    def typed(user: str, item: str, offset: int, kind: str) -> ClickEvent:
+        return click_event(user, item, offset, 0, kind)
+
+    first = apply_batch(migrated, TOPIC, [typed("u1", "a", 0, "purchase")], max_len=3)
+    assert first.types == {"u1": "4"}
+    batch = [typed("u1", "b", 1, "view"), typed("u1", "c", 2, "click"), typed("u1", "d", 3, "view")]
+    second = apply_batch(migrated, TOPIC, batch, max_len=3)
+    assert second.sequences == {"u1": ["b", "c", "d"]}
+    assert second.types == {"u1": "121"}
+    assert load_types(migrated, ["u1", "nobody"]) == {"u1": "121"}
+    # A worker from before event types appends items and counts events without them:
+    # the stored types no longer describe the items and read as not known.
+    with migrated.begin() as conn:
+        conn.execute(
+            user_sequences.update().values(
+                items=["c", "d", "e"], event_count=user_sequences.c.event_count + 1
+            )
+        )
+    assert load_types(migrated, ["u1"]) == {"u1": "000"}
+    third = apply_batch(migrated, TOPIC, [typed("u1", "f", 4, "add_to_cart")], max_len=3)
+    assert third.types == {"u1": "003"}
+    assert load_types(migrated, ["u1"]) == {"u1": "003"}
 
 
 def test_replaying_a_batch_changes_nothing(migrated: Engine) -> None:

@@ -28,7 +28,7 @@ from model.config import IndexConfig, TrainConfig
 from model.data import build_sequence_data
 from model.pipeline import train_and_publish
 from model.sasrec import SASRec
-from model.sequences import pad_left
+from model.sequences import EVENT_TYPES, pack, pad_left, type_codes
 from recstream_tools.probe import free_port, wait_ready
 from stream_worker.broker import ensure_topics
 from stream_worker.cli import app
@@ -50,24 +50,37 @@ class TinyModel:
     item_ids: list[str]
     popularity: list[str]  # the manifest's fallback list
 
-    def offline_top_k(self, sequence: list[str], k: int) -> list[str]:
+    def offline_top_k(
+        self, sequence: list[str], k: int, types: list[str] | None = None
+    ) -> list[str]:
         """The eager model's top-k for a sequence, seen items and padding removed (fewer
         when fewer unseen items are left); for a sequence with no item of the catalogue,
-        the most popular unseen items, as the worker's documented fallback."""
+        the most popular unseen items, as the worker's documented fallback. A model
+        trained with event types reads ``types`` (one per item)."""
         index = {item: i for i, item in enumerate(self.item_ids) if i}
-        history = [index[i] for i in sequence if i in index]
+        kept = [n for n, item in enumerate(sequence) if item in index]
+        history = [index[sequence[n]] for n in kept]
         if not history:
             return [item for item in self.popularity if item not in set(sequence)][:k]
         k = min(k, len(self.item_ids) - 1 - len(set(history)))
         if k <= 0:
             return []
-        with torch.no_grad():
-            scores = self.model.score_all(
-                torch.from_numpy(pad_left([history], self.model.max_len))
-            )[0]
+        scores = self.offline_scores(sequence, types)
         scores[0] = -torch.inf
         scores[history] = -torch.inf
         return [self.item_ids[i] for i in torch.topk(scores, k).indices.tolist()]
+
+    def offline_scores(self, sequence: list[str], types: list[str] | None = None) -> torch.Tensor:
+        """The eager model's scores [N + 1] of every item after ``sequence`` (its items
+        the model knows; with event types, ``types`` one per item)."""
+        index = {item: i for i, item in enumerate(self.item_ids) if i}
+        kept = [n for n, item in enumerate(sequence) if item in index]
+        tokens = [index[sequence[n]] for n in kept]
+        if self.model.event_types:
+            assert types is not None and len(types) == len(sequence)
+            tokens = pack(tokens, type_codes([types[n] for n in kept])).tolist()
+        with torch.no_grad():
+            return self.model.score_all(torch.from_numpy(pad_left([tokens], self.model.max_len)))[0]
 
 
 # The same tiny model through the CLI's settings (`recstream train`, `build-index`).
@@ -85,12 +98,21 @@ def cli(*args: str) -> Any:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def publish_tiny_model(root: Path, seed: int = 0) -> TinyModel:
-    data = build_sequence_data(generated_log(users=60, items=40, length=25, seed=seed))
+def tiny_event_type(user: str, position: int) -> str:
+    """The event type the tiny typed model's data gives ``user``'s item at ``position``."""
+    return EVENT_TYPES[(len(user) + position) % len(EVENT_TYPES)]
+
+
+def publish_tiny_model(root: Path, seed: int = 0, event_types: bool = False) -> TinyModel:
+    log = generated_log(users=60, items=40, length=25, seed=seed)
+    types = None
+    if event_types:
+        types = {u: [tiny_event_type(u, n) for n in range(len(s))] for u, s in log.items()}
+    data = build_sequence_data(log, event_types=types)
+    cfg = TINY.model_copy(update={"seed": seed, "event_types": "on" if event_types else "off"})
     published = train_and_publish(
-        data, {"source": "generated"}, root, TINY.model_copy(update={"seed": seed}), IndexConfig(),
-        progress=False,
-    )  # fmt: skip
+        data, {"source": "generated"}, root, cfg, IndexConfig(), progress=False
+    )
     manifest = read_manifest(root / published.version)
     return TinyModel(
         root, published.version, published.result.model.eval(), data.item_ids,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from stream_worker.events import ClickEvent
-from stream_worker.store import merge_events, redacted
+from stream_worker.store import merge_events, redacted, stored_types
 from tests.factories import click_event
 
 
@@ -16,7 +16,7 @@ def ev(user: str, item: str, offset: int, partition: int = 0) -> ClickEvent:
 def test_appends_in_batch_order_after_stored_items() -> None:
     events = [ev("u1", "c", 0), ev("u2", "x", 1), ev("u1", "d", 2), ev("u1", "e", 3)]
 
-    sequences, offsets, applied, skipped = merge_events({}, {"u1": ["a", "b"]}, events, 10)
+    sequences, offsets, applied, skipped, _ = merge_events({}, {"u1": ["a", "b"]}, events, 10)
 
     assert sequences == {"u1": ["a", "b", "c", "d", "e"], "u2": ["x"]}
     assert offsets == {0: 3}
@@ -90,6 +90,26 @@ def test_event_counts_count_applied_events_per_user() -> None:
 
     assert merged.event_counts() == {"u1": 2, "u2": 1}
     assert merged.sequences["u1"] == ["a", "c"]  # the count is not capped, the items are
+
+
+def test_event_types_follow_their_items_through_the_cap() -> None:
+    kinds = ["purchase", "view", "add_to_cart", "click"]
+    events = [click_event("u1", f"n{i}", i, 0, kind) for i, kind in enumerate(kinds)]
+    events.append(click_event("u2", "x", 4, 0, "click"))
+
+    merged = merge_events({}, {"u1": ["s0", "s1"], "u2": ["t0"]}, events, 5, {"u1": "21"})
+
+    assert merged.sequences["u1"] == ["s1", "n0", "n1", "n2", "n3"]
+    assert merged.types == {"u1": "14132", "u2": "02"}  # u2's stored type was not known
+
+
+def test_stored_types_are_read_only_when_written_at_the_rows_event_count() -> None:
+    items = ["a", "b", "c"]
+    assert stored_types(items, 7, {"at": 7, "codes": "123"}) == "123"
+    # Code from before event types appended items and counted events, not types.
+    assert stored_types(items, 8, {"at": 7, "codes": "123"}) == "000"
+    assert stored_types(items, 7, None) == "000"
+    assert stored_types(items, 7, {"at": 7, "codes": "12"}) == "000"
 
 
 def test_stored_sequences_are_not_modified() -> None:
