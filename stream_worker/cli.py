@@ -256,7 +256,8 @@ def replay_eval(
     from stream_worker.replay_eval import offline_answers, plan, report, run_replay
 
     settings = load_settings()
-    chosen = plan(load_interactions(data, fmt).sequences(), users)
+    log = load_interactions(data, fmt)
+    chosen = plan(log.sequences(), users, log.event_types())
     topics = (settings.topics.events, settings.topics.recommendations)
     with workspace(_store(settings, artifacts), pull=[CURRENT]) as root:
         loaded = load_version(root)

@@ -23,7 +23,8 @@ from typing import Any
 import torch
 
 from model.artifacts import LoadedVersion
-from model.sequences import pad_left
+from model.sasrec import takes_event_types
+from model.sequences import pack, pad_left, type_codes
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +37,10 @@ class ReplayUser:
     user: str  # the dataset's id
     history: list[str]  # every item but the last
     target: str  # the held-out last item
+    types: list[str] = field(default_factory=list)  # the history's event types (or "view")
+
+    def type_of(self, position: int) -> str:
+        return self.types[position] if position < len(self.types) else "view"
 
 
 @dataclass
@@ -44,11 +49,17 @@ class Answer:
     scores: list[float] = field(default_factory=list)
 
 
-def plan(sequences: Mapping[str, Sequence[str]], users: int | None = None) -> list[ReplayUser]:
+def plan(
+    sequences: Mapping[str, Sequence[str]],
+    users: int | None = None,
+    event_types: Mapping[str, Sequence[str]] | None = None,
+) -> list[ReplayUser]:
     """Users with a history and a target (at least 2 items; ``evaluate``'s rule), in the
-    dataset's order; the first ``users`` of them."""
+    dataset's order; the first ``users`` of them. ``event_types`` (per user, aligned with
+    the items) are sent with the events."""
+    types = event_types or {}
     chosen = [
-        ReplayUser(user, list(items[:-1]), items[-1])
+        ReplayUser(user, list(items[:-1]), items[-1], list(types.get(user, ()))[: len(items) - 1])
         for user, items in sequences.items()
         if len(items) >= 2
     ]
@@ -63,16 +74,23 @@ def offline_answers(
     on the newest ``max_len`` known items, every item by inner product, padding and
     seen items removed (a history with no known item: no answer)."""
     index = loaded.item_index()
+    typed = takes_event_types(loaded.encoder)
     emb = torch.from_numpy(loaded.item_embeddings)
     out: dict[str, Answer] = {}
     batch = 256
     for start in range(0, len(users), batch):
         chunk = [u for u in users[start : start + batch]]
-        known = [[index[i] for i in u.history if i in index] for u in chunk]
+        kept = [[n for n, i in enumerate(u.history) if i in index] for u in chunk]
+        known = [[index[u.history[n]] for n in k] for u, k in zip(chunk, kept, strict=True)]
         rows = [n for n, h in enumerate(known) if h]
         if not rows:
             continue
-        seqs = torch.from_numpy(pad_left([known[n] for n in rows], loaded.max_len))
+        inputs = [
+            pack(known[n], type_codes([chunk[n].type_of(p) for p in kept[n]])) if typed
+            else known[n]
+            for n in rows
+        ]  # fmt: skip
+        seqs = torch.from_numpy(pad_left(inputs, loaded.max_len))
         scores = loaded.encoder(seqs) @ emb.T
         scores[:, 0] = -torch.inf
         for row, n in enumerate(rows):
@@ -152,15 +170,16 @@ def _tied(online: list[str], offline: Answer) -> bool:
     return True
 
 
-def event_stream(users: Sequence[ReplayUser], run: str) -> Iterable[tuple[str, str, str, str]]:
-    """(event id, replay user id, item, dataset user) for each history item, users
-    interleaved round-robin (as many users click at once), each user's items in order."""
+def event_stream(users: Sequence[ReplayUser], run: str) -> Iterable[tuple[str, str, str, str, str]]:
+    """(event id, replay user id, item, dataset user, event type) for each history item,
+    users interleaved round-robin (as many users click at once), each user's items in
+    order."""
     longest = max((len(u.history) for u in users), default=0)
     for position in range(longest):
         for u in users:
             if position < len(u.history):
                 yield (f"{run}-{u.user}-{position}", replay_id(run, u.user),
-                       u.history[position], u.user)  # fmt: skip
+                       u.history[position], u.user, u.type_of(position))  # fmt: skip
 
 
 def replay_id(run: str, user: str) -> str:
@@ -200,8 +219,8 @@ def run_replay(
     producer = KafkaProducer(linger_ms=5, acks="all", **producer_options)
     try:
         now = int(time.time() * 1000)
-        for n, (event_id, rid, item, user) in enumerate(event_stream(users, run)):
-            value = event_value(event_id, rid, item, "view", now + n // 1000)
+        for n, (event_id, rid, item, user, kind) in enumerate(event_stream(users, run)):
+            value = event_value(event_id, rid, item, kind, now + n // 1000)
             producer.send(events_topic, key=rid.encode(), value=value)
             last_event[rid] = event_id
             owner[rid] = user

@@ -30,6 +30,7 @@ from stream_worker.recommender import (
     length_buckets,
     search_depth,
 )
+from stream_worker.replay_eval import offline_answers, plan
 from stream_worker.settings import Settings
 from stream_worker.store import (
     load_sequences,
@@ -94,6 +95,14 @@ def test_a_model_with_event_types_reads_them_from_the_events_and_the_state(
     # The types count: the same items as views, or of types not known, rank otherwise.
     assert got[1] != typed.offline_top_k(items, 5, ["view"] * 4)
     assert got[1] != typed.offline_top_k(items, 5, ["?"] * 4)
+
+
+def test_replay_eval_offline_answers_read_event_types(typed: TinyModel) -> None:
+    items, kinds = ["item-3", "item-1", "item-7"], ["click", "purchase", "view"]
+    users = plan({"u": [*items, "item-9"]}, event_types={"u": [*kinds, "view"]})
+    assert users[0].types == kinds
+    answers = offline_answers(load_version(typed.root), users, k=5)
+    assert answers["u"].items == typed.offline_top_k(items, 5, kinds)
 
 
 def test_event_types_per_event(typed: TinyModel, tmp_path: Path) -> None:
