@@ -33,6 +33,7 @@ from model.data import SequenceData, build_sequence_data
 from model.errors import NotEnoughData, RetrainLocked
 from model.evaluate import Metrics
 from model.pipeline import evaluate_version, publish_trained
+from model.sequences import type_names
 from model.train import train_sasrec
 
 logger = logging.getLogger(__name__)
@@ -80,6 +81,16 @@ def validation_split(data: SequenceData) -> dict[str, list[str]]:
     return {
         user: [data.item_ids[i] for i in seq[:-1].tolist()]
         for user, seq in zip(data.users, data.sequences, strict=True)
+    }
+
+
+def validation_types(data: SequenceData) -> dict[str, list[str]] | None:
+    """The event types of :func:`validation_split`'s items (None: the data has none)."""
+    if data.types is None:
+        return None
+    return {
+        user: type_names("".join(str(c) for c in codes[:-1].tolist()))
+        for user, codes in zip(data.users, data.types, strict=True)
     }
 
 
@@ -184,19 +195,25 @@ def run_retrain(
     lock_timeout_s: float = 0.0,
     progress: bool = False,
     item_texts: Mapping[str, str] | None = None,
+    load_types: Callable[[], Mapping[str, str]] | None = None,
 ) -> RetrainOutcome:
     """One retrain run (see the module docstring); returns what happened.
 
     A refusal by the quality gate is an outcome (``published`` false), not an
     exception: the caller decides how to report it. Raises :class:`RetrainLocked`,
     :class:`NotEnoughData` and the errors of loading, training and publishing; none of
-    them changes ``CURRENT``.
+    them changes ``CURRENT``. With event types on, ``load_types`` gives each user's
+    stored type codes (one digit per item, as the worker keeps them).
     """
     started = time.perf_counter()
     with retrain_lock(root, lock_timeout_s):
         live_version = _current_or_none(root)
         sequences = load_sequences()
-        data = build_sequence_data(sequences, min_length=3)
+        types = None
+        if train_cfg.event_types == "on" and load_types is not None:
+            types = {user: type_names(codes) for user, codes in load_types().items()}
+            types = {user: types.get(user, [""] * len(seq)) for user, seq in sequences.items()}
+        data = build_sequence_data(sequences, min_length=3, event_types=types)
         if len(data.users) < min_users:
             raise NotEnoughData(
                 f"only {len(data.users)} users have 3 or more items "
@@ -216,7 +233,9 @@ def run_retrain(
         if live_version is not None:
             # Before training: a broken live version fails the run in seconds, not hours.
             live = load_version(root, live_version, load_index_file=False)
-            live_valid = evaluate_version(validation_split(data), live).model
+            live_valid = evaluate_version(
+                validation_split(data), live, event_types=validation_types(data)
+            ).model
             recorded = live.manifest.get("metrics", {}).get("valid", {}).get(NDCG)
             live_recorded = float(recorded) if isinstance(recorded, int | float) else None
             logger.info(

@@ -21,6 +21,11 @@ def type_codes(types: Sequence[str]) -> IntArray:
     return np.fromiter((TYPE_CODES.get(t, 0) for t in types), dtype=np.int64, count=len(types))
 
 
+def type_names(codes: str) -> list[str]:
+    """One digit per item (the worker's stored codes) to event type names ("" unknown)."""
+    return [EVENT_TYPES[int(c) - 1] if c in "1234" else "" for c in codes]
+
+
 def pack(items: Sequence[int] | IntArray, codes: Sequence[int] | IntArray) -> IntArray:
     """Item indices and their event type codes as tokens."""
     return (np.asarray(items, dtype=np.int64) << TYPE_BITS) | np.asarray(codes, dtype=np.int64)

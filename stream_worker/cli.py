@@ -377,7 +377,7 @@ def retrain(
     from model.errors import QualityGateRefused
     from model.item_text import load_item_texts
     from model.retrain import run_retrain
-    from stream_worker.store import check_migrated, iter_sequences, make_engine, redacted
+    from stream_worker.store import check_migrated, iter_histories, make_engine, redacted
 
     settings = load_settings()
     store = _store(settings, artifacts)
@@ -386,9 +386,15 @@ def retrain(
     url = settings.database.url.get_secret_value()
     engine = make_engine(url, pool_size=1)
 
+    types: dict[str, str] = {}
+
     def load() -> dict[str, list[str]]:
         check_migrated(engine)
-        return dict(iter_sequences(engine))
+        sequences = {}
+        for user, items, codes in iter_histories(engine):
+            sequences[user] = items
+            types[user] = codes
+        return sequences
 
     try:
         with workspace(store, pull=[CURRENT]) as root:
@@ -403,6 +409,7 @@ def retrain(
                 lock_timeout_s=settings.retrain.lock_timeout_s,
                 progress=progress,
                 item_texts=load_item_texts(items) if items else None,
+                load_types=lambda: types,  # filled by load, which run_retrain calls first
             )
     finally:
         engine.dispose()
@@ -940,6 +947,22 @@ def bench_train(
     chosen = [v.strip() for v in variants.split(",") if v.strip()]
     sequences = build_sequence_data(log.sequences())
     typer.echo(run_training_speed(data.stem, sequences, settings.train, chosen, rounds, steps, out))
+
+
+@bench_app.command("make-log")
+def bench_make_log(
+    out: Annotated[Path, typer.Option("--out", help="The log file to write.")],
+    users: Annotated[int, typer.Option(min=1, help="Users.")] = 40_226,
+    items: Annotated[int, typer.Option(min=2, help="Catalogue size.")] = 54_542,
+    length: Annotated[int, typer.Option(min=3, help="Mean events per user.")] = 25,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+) -> None:
+    """A generated `user item ts` log of a large catalogue, for timing training (the
+    defaults: the size of a public log of 40,226 users and 54,542 items)."""
+    write_synthetic_log = _tool("bench.training").write_synthetic_log
+
+    lines = write_synthetic_log(out, users, items, length, seed)
+    typer.echo(json.dumps({"out": str(out), "users": users, "items": items, "events": lines}))
 
 
 @bench_app.command("encoder")

@@ -815,24 +815,35 @@ def load_types(engine: Engine, user_ids: Iterable[str]) -> dict[str, str]:
 
 
 def iter_sequences(engine: Engine, batch_size: int = 1000) -> Iterator[tuple[str, list[str]]]:
-    """Every user's sequence, in user id order, for offline retraining.
+    """Every user's sequence, in user id order, for offline retraining."""
+    for user, items, _ in iter_histories(engine, batch_size):
+        yield user, items
+
+
+def iter_histories(engine: Engine, batch_size: int = 1000) -> Iterator[tuple[str, list[str], str]]:
+    """Every user's sequence and its event type codes (``stored_types``), in user id
+    order, for offline retraining.
 
     Pages by user id (keyset), one short transaction per page: no long-running read
     holds back the workers' writes or PostgreSQL's vacuum.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    c = user_sequences.c
     after: str | None = None
     while True:
         stmt = (
-            select(user_sequences.c.user_id, user_sequences.c["items"])
-            .order_by(user_sequences.c.user_id)
+            select(c.user_id, c["items"], c.event_count, c.event_types)
+            .order_by(c.user_id)
             .limit(batch_size)
         )
         if after is not None:
-            stmt = stmt.where(user_sequences.c.user_id > after)
+            stmt = stmt.where(c.user_id > after)
         with _transaction(engine) as conn:
-            page = [(str(user), list(items)) for user, items in conn.execute(stmt)]
+            page = [
+                (str(user), list(items), stored_types(items, int(count), kinds))
+                for user, items, count, kinds in conn.execute(stmt)
+            ]
         yield from page
         if len(page) < batch_size:
             return

@@ -121,6 +121,31 @@ def retrain_here(
     )
 
 
+def test_retrain_with_event_types_reads_the_stored_codes_and_gates_against_a_typed_live(
+    tmp_path: Path,
+) -> None:
+    typed_cfg = CFG.model_copy(update={"event_types": "on"})
+    codes = {user: "".join(str(1 + (n + len(user)) % 4) for n in range(len(items)))
+             for user, items in walks().items()}  # fmt: skip
+
+    def retrain() -> RetrainOutcome:
+        return run_retrain(
+            tmp_path, walks, {"source": "test"}, typed_cfg, IndexConfig(), quality_margin=1.0,
+            min_users=10, load_types=lambda: codes,
+        )  # fmt: skip
+
+    first = retrain()
+    assert first.published and first.live_version is None
+    manifest = read_manifest(tmp_path / str(first.version))
+    assert manifest["hyperparameters"]["event_types"] == "on"
+    second = retrain()  # the live version is typed: its validation reads the same types
+    assert second.published and second.live_version == first.version
+    # The same model on the same validation data, through the published encoder: equal
+    # only when the types reach it as they reached training.
+    assert second.live_valid is not None
+    assert second.live_valid["ndcg@10"] == pytest.approx(first.candidate_valid["ndcg@10"], abs=1e-6)
+
+
 def rollback(root: Path, version: str) -> str | None:
     """What `recstream rollback` does on a directory store."""
     return switch(LocalStore(root), version, root / ".unused-cache")

@@ -179,3 +179,32 @@ def _table(result: TrainingSpeed) -> str:
     lines.append("")
     lines.append(f"one validation pass (every user, full ranking): {result.validation_s:.1f} s")
     return "\n".join(lines)
+
+
+def write_synthetic_log(path: Path, users: int, items: int, length: int, seed: int = 0) -> int:
+    """A ``user item ts`` log the size of a large public one, for timing only: each
+    user's ``length`` items (on average, geometric) drawn from a Zipf-like popularity
+    over ``items`` (exponent 0.8: a long tail in which nearly every item occurs), each item followed
+    by one of its 20 "neighbours" half of the time, so that sequences carry signal.
+    Returns the number of lines written."""
+    rng = np.random.default_rng(seed)
+    weights = 1.0 / np.arange(1, items + 1) ** 0.8
+    weights /= weights.sum()
+    lengths = np.maximum(3, rng.geometric(1.0 / length, size=users))
+    total = int(lengths.sum())
+    popular = rng.choice(items, size=total, p=weights)
+    follow = rng.random(total) < 0.5
+    steps = rng.integers(1, 21, size=total)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as out:
+        at = 0
+        for user, n in enumerate(lengths):
+            item = int(popular[at])
+            for position in range(int(n)):
+                if position and follow[at]:
+                    item = (item + int(steps[at])) % items
+                elif position:
+                    item = int(popular[at])
+                out.write(f"u{user} i{item} {1_600_000_000 + position}\n")
+                at += 1
+    return total
