@@ -60,6 +60,12 @@ class TrainConfig(BaseModel):
         10, ge=1, description="Epochs without a better validation NDCG@10 before stopping."
     )
     eval_every: int = Field(1, ge=1, description="Validate every N epochs.")
+    valid_users: int = Field(
+        10_000,
+        ge=0,
+        description="Users that each epoch's validation ranks for early stopping (a "
+        "fixed random sample; 0: all). The best epoch's figures are over every user.",
+    )
     seed: int = Field(42, description="Random seed of initialisation, shuffling and dropout.")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
     threads: int = Field(0, ge=0, description="torch intra-op threads; 0 keeps torch's default.")

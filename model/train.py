@@ -204,6 +204,14 @@ def train_sasrec(
         else None
     )
     generator = np.random.default_rng(cfg.seed)
+    # Each epoch's validation: every user, or a fixed sample of them on large logs (a
+    # full ranking per user costs as much as several training steps).
+    watched = np.arange(len(prefixes))
+    if 0 < cfg.valid_users < len(prefixes):
+        watched = np.sort(generator.choice(len(prefixes), cfg.valid_users, replace=False))
+    watch_inputs = [model_prefixes[i] for i in watched]
+    watch_seen = [prefixes[i] for i in watched]
+    watch_targets = valid_targets[watched]
     logger.info(
         "training SASRec on %s: %d users, %d items, %d parameters, loss=%s",
         device,
@@ -240,7 +248,7 @@ def train_sasrec(
         stats.samples_per_s = round(samples / max(trained_s, 1e-9), 1)
         if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
             valid = evaluate_model(
-                model, model_prefixes, valid_targets, seen=prefixes, progress=progress, desc="valid"
+                model, watch_inputs, watch_targets, seen=watch_seen, progress=progress, desc="valid"
             )
             stats.valid_ndcg10, stats.valid_hr10 = valid["ndcg@10"], valid["hr@10"]
             if valid["ndcg@10"] > best_ndcg:

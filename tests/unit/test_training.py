@@ -41,6 +41,16 @@ def test_training_learns_a_sequential_pattern_popularity_cannot() -> None:
         assert epoch.samples_per_s * epoch.seconds == pytest.approx(120 * 7, rel=0.01)
 
 
+def test_each_epochs_validation_may_watch_a_sample_and_the_best_is_scored_on_all() -> None:
+    data = build_sequence_data(cyclic_sequences(users=120))
+    cfg = TINY.model_copy(update={"epochs": 3, "valid_users": 30})
+    result = train_sasrec(data, cfg, progress=False)
+    for epoch in result.history:
+        assert epoch.valid_hr10 is not None
+        assert epoch.valid_hr10 * 30 == pytest.approx(round(epoch.valid_hr10 * 30))
+    assert result.valid["hr@10"] * 120 == pytest.approx(round(result.valid["hr@10"] * 120))
+
+
 def test_training_is_reproducible_with_a_seed() -> None:
     data = build_sequence_data(cyclic_sequences(users=40))
     cfg = TINY.model_copy(update={"epochs": 2, "dropout": 0.2})
