@@ -4,21 +4,32 @@ They are nested inside the application settings (``RECSTREAM_TRAIN__*``,
 ``RECSTREAM_INDEX__*``) and can also be built directly by tests and scripts.
 """
 
-from typing import Literal, get_args
+from typing import Annotated, Literal, get_args
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
+
+from model.errors import ConfigError
 
 BlockStyle = Literal["pre-norm", "sasrec"]
 BLOCK_STYLES: tuple[str, ...] = get_args(BlockStyle)
 HistoryUse = Literal["newest", "all"]
 Loss = Literal["auto", "ce", "sampled-ce"]
 
+# dim auto: the wide model where items have enough events to fit wide vectors.
+DENSE_ITEM_EVENTS = 50
+WIDE_DIM, NARROW_DIM = 256, 64
+
 
 class TrainConfig(BaseModel):
     """SASRec architecture and optimisation settings."""
 
     max_len: int = Field(200, ge=2, le=4096, description="Longest item sequence the model sees.")
-    dim: int = Field(64, ge=4, le=4096, description="Embedding and hidden size.")
+    dim: Annotated[int, Field(ge=4, le=4096)] | Literal["auto"] = Field(
+        "auto",
+        description=f"Embedding and hidden size; auto: {WIDE_DIM} where the log has at least "
+        f"{DENSE_ITEM_EVENTS} events per item (enough to fit wide item vectors), "
+        f"{NARROW_DIM} below.",
+    )
     blocks: int = Field(2, ge=1, le=24, description="Transformer blocks.")
     heads: int = Field(1, ge=1, le=64, description="Attention heads (dividing dim).")
     dropout: float = Field(0.2, ge=0.0, lt=1.0, description="Dropout in training.")
@@ -70,17 +81,30 @@ class TrainConfig(BaseModel):
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
     threads: int = Field(0, ge=0, description="torch intra-op threads; 0 keeps torch's default.")
 
-    def resolved(self, num_items: int) -> "TrainConfig":
-        """This configuration with its ``auto`` settings chosen for ``num_items``
-        items: what training runs and the manifest records."""
-        if self.loss != "auto":
-            return self
-        loss = "ce" if num_items <= self.full_softmax_items else "sampled-ce"
-        return self.model_copy(update={"loss": loss})
+    def resolved(self, num_items: int, events: int) -> "TrainConfig":
+        """This configuration with its ``auto`` settings chosen for a log of ``events``
+        events over ``num_items`` items: what training runs and the manifest records."""
+        update: dict[str, object] = {}
+        if self.loss == "auto":
+            update["loss"] = "ce" if num_items <= self.full_softmax_items else "sampled-ce"
+        if self.dim == "auto":
+            dense = events >= DENSE_ITEM_EVENTS * num_items
+            update["dim"] = WIDE_DIM if dense else NARROW_DIM
+        try:
+            return TrainConfig.model_validate(self.model_dump() | update)
+        except ValidationError as exc:
+            first = exc.errors()[0]["msg"].removeprefix("Value error, ")
+            raise ConfigError(f"training settings for this data: {first}") from None
+
+    def width(self) -> int:
+        """``dim`` of a resolved configuration."""
+        if self.dim == "auto":
+            raise ValueError("dim is auto: resolve the configuration first (resolved())")
+        return self.dim
 
     @model_validator(mode="after")
     def _heads_divide_dim(self) -> "TrainConfig":
-        if self.dim % self.heads:
+        if self.dim != "auto" and self.dim % self.heads:
             raise ValueError(f"dim ({self.dim}) must be a multiple of heads ({self.heads})")
         return self
 

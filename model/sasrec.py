@@ -232,7 +232,7 @@ class SASRec(nn.Module):
         return cls(
             num_items,
             cfg.max_len,
-            cfg.dim,
+            cfg.width(),
             cfg.blocks,
             cfg.heads,
             cfg.dropout,

@@ -182,7 +182,7 @@ def train_sasrec(
     if len(matrix) == 0:
         raise DataError("no user has enough interactions to train on (need at least 4 each)")
 
-    cfg = cfg.resolved(num_items)
+    cfg = cfg.resolved(num_items, sum(len(seq) for seq in data.sequences))
     sampler = (
         NegativeSampler.for_matrix(
             matrix >> TYPE_BITS if cfg.event_types == "on" else matrix,

@@ -87,9 +87,21 @@ def test_sampled_softmax_also_learns() -> None:
 def test_auto_loss_takes_the_full_softmax_up_to_the_threshold() -> None:
     cfg = TrainConfig(full_softmax_items=1000)
     assert cfg.loss == "auto"
-    assert cfg.resolved(1000).loss == "ce"
-    assert cfg.resolved(1001).loss == "sampled-ce"
-    assert TrainConfig(loss="ce").resolved(10**6).loss == "ce"  # a choice stays
+    assert cfg.resolved(1000, 5000).loss == "ce"
+    assert cfg.resolved(1001, 5000).loss == "sampled-ce"
+    assert TrainConfig(loss="ce").resolved(10**6, 5000).loss == "ce"  # a choice stays
+
+
+def test_auto_dim_is_wide_where_items_have_many_events() -> None:
+    cfg = TrainConfig()
+    assert cfg.dim == "auto"
+    assert cfg.resolved(100, 50 * 100).dim == 256
+    assert cfg.resolved(100, 50 * 100 - 1).dim == 64
+    assert TrainConfig(dim=32).resolved(100, 10**6).dim == 32
+    with pytest.raises(ValueError, match="resolve"):
+        cfg.width()
+    with pytest.raises(ConfigError, match=r"^training settings for this data: dim \(64\) must"):
+        TrainConfig(heads=3).resolved(100, 10)
 
 
 def test_byte_dropout_drops_at_its_rate_and_keeps_the_expectation() -> None:

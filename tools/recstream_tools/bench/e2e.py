@@ -529,7 +529,8 @@ def publish_bench_model(replay: Replay, root: Path, max_len: int, factory: str =
 
     counts = Counter(replay.items)
     item_ids = ["<pad>", *sorted(counts)]
-    cfg = TrainConfig(max_len=max_len)
+    # dim 64: the width every recorded end-to-end figure was measured at.
+    cfg = TrainConfig(max_len=max_len, dim=64)
     torch.manual_seed(0)
     model = SASRec.from_config(len(item_ids) - 1, cfg).eval()
     contents = VersionContents(

@@ -124,7 +124,7 @@ def run_training_speed(
         raise ConfigError(f"unknown variant {unknown[0]!r}; choose from {', '.join(VARIANTS)}")
     device = torch.device("cpu")
     num_items = data.num_items()
-    cfg = cfg.resolved(num_items)
+    cfg = cfg.resolved(num_items, sum(len(seq) for seq in data.sequences))
     prefixes, valid_targets, _ = leave_one_out(data)
     matrix = training_matrix(prefixes, cfg.max_len, cfg.history)
     per_epoch = int(((matrix[:, 1:] != 0) & (matrix[:, :-1] != 0)).sum())
