@@ -23,7 +23,7 @@ WIDE_DIM, NARROW_DIM = 256, 64
 class TrainConfig(BaseModel):
     """SASRec architecture and optimisation settings."""
 
-    max_len: int = Field(200, ge=2, le=4096, description="Longest item sequence the model sees.")
+    max_len: int = Field(100, ge=2, le=4096, description="Longest item sequence the model sees.")
     dim: Annotated[int, Field(ge=4, le=4096)] | Literal["auto"] = Field(
         "auto",
         description=f"Embedding and hidden size; auto: {WIDE_DIM} where the log has at least "
@@ -34,12 +34,12 @@ class TrainConfig(BaseModel):
     heads: int = Field(1, ge=1, le=64, description="Attention heads (dividing dim).")
     dropout: float = Field(0.2, ge=0.0, lt=1.0, description="Dropout in training.")
     block: BlockStyle = Field(
-        "pre-norm",
+        "sasrec",
         description="pre-norm, or sasrec: the SASRec paper's block (normed queries carry "
         "the residual, keys and values from the block's input, ReLU).",
     )
     history: HistoryUse = Field(
-        "newest",
+        "all",
         description="Training rows per user: newest, the newest max_len + 1 items (as "
         "SASRec); all, every item, the older ones in windows of max_len + 1.",
     )
@@ -60,12 +60,12 @@ class TrainConfig(BaseModel):
     negatives: int = Field(
         1024, ge=1, description="Negatives per batch (shared by its positions) for sampled-ce."
     )
-    epochs: int = Field(200, ge=1, description="Most epochs (early stopping ends sooner).")
-    batch_size: int = Field(128, ge=1, description="Training sequences per step.")
+    epochs: int = Field(30, ge=1, description="Most epochs (early stopping ends sooner).")
+    batch_size: int = Field(32, ge=1, description="Training sequences per step.")
     lr: float = Field(1e-3, gt=0, description="AdamW learning rate.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     lr_schedule: Literal["constant", "cosine"] = Field(
-        "constant", description="cosine decays lr to 0 over `epochs` (anneals the last steps)."
+        "cosine", description="cosine decays lr to 0 over `epochs` (anneals the last steps)."
     )
     patience: int = Field(
         10, ge=1, description="Epochs without a better validation NDCG@10 before stopping."
