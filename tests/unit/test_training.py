@@ -72,7 +72,7 @@ def test_all_history_makes_every_transition_a_target_once(length: int) -> None:
 def test_training_on_all_history_learns_from_older_windows() -> None:
     # With max_len 3, "newest" drops most of each 10-item history; "all" trains on it.
     data = build_sequence_data(cyclic_sequences(users=60))
-    short = TINY.model_copy(update={"max_len": 3, "epochs": 2})
+    short = TINY.model_copy(update={"max_len": 3, "epochs": 2, "history": "newest"})
     newest = train_sasrec(data, short, progress=False)
     every = train_sasrec(data, short.model_copy(update={"history": "all"}), progress=False)
     assert every.valid["ndcg@10"] > newest.valid["ndcg@10"] + 0.1
@@ -170,7 +170,8 @@ def test_event_types_teach_what_the_items_alone_cannot() -> None:
             item = (item + (1 if kind == "view" else 2)) % 30
         sequences[f"u{u}"], types[f"u{u}"] = items, kinds
     data = build_sequence_data(sequences, event_types=types)
-    cfg = TINY.model_copy(update={"epochs": 20, "patience": 20})
+    update = {"epochs": 20, "patience": 20, "block": "pre-norm", "lr_schedule": "constant"}
+    cfg = TINY.model_copy(update=update)
     typed = train_sasrec(data, cfg.model_copy(update={"event_types": "on"}), progress=False)
     plain = train_sasrec(data, cfg, progress=False)
     assert typed.test["hr@1"] > 0.9
