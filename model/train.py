@@ -213,11 +213,12 @@ def train_sasrec(
     watch_seen = [prefixes[i] for i in watched]
     watch_targets = valid_targets[watched]
     logger.info(
-        "training SASRec on %s: %d users, %d items, %d parameters, loss=%s",
+        "training SASRec on %s: %d users, %d items, %d parameters, dim=%d, loss=%s",
         device,
         len(data.users),
         num_items,
         sum(p.numel() for p in model.parameters()),
+        cfg.width(),
         cfg.loss,
     )
 

@@ -193,7 +193,7 @@ class WorkerSettings(BaseModel):
         ge=0,
         description="Memory for each user's cached keys and values, so that a new event "
         "encodes one position instead of the whole history (0: off). Least recently "
-        "active users are dropped first; ~1 KB per item at dim 64 with 2 blocks.",
+        "active users are dropped first; ~1 KB per item at dim 64 with 2 blocks, 4 KB at dim 256.",
     )
     session_timeout_s: float = Field(
         10.0,
