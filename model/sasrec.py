@@ -267,9 +267,10 @@ class SASRec(nn.Module):
         return tokens >> self.type_bits if self.event_types else tokens
 
     def forward(self, seqs: Tensor, last_only: bool = False) -> Tensor:
-        """Left-padded item indices [B, L] (L <= max_len; padding only before the items)
-        to hidden states [B, L, dim]; with ``last_only``, [B, 1, dim] for the newest
-        position, and the last block skips every other query (~40% less work at L = 200)."""
+        """Left-padded item indices (with event types, tokens) [B, L] (L <= max_len;
+        padding only before the items) to hidden states [B, L, dim]; with ``last_only``,
+        [B, 1, dim] for the newest position, and the last block skips every other query
+        (~40% less work at L = 200)."""
         batch, length = seqs.shape
         lengths = (seqs != 0).sum(dim=1)
         cols = torch.arange(length, device=seqs.device)
