@@ -957,7 +957,7 @@ def bench_make_log(
     length: Annotated[int, typer.Option(min=3, help="Mean events per user.")] = 25,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
 ) -> None:
-    """A generated `user item ts` log of a large catalogue, for timing training (the
+    """A generated TSV log of a large catalogue, for timing training (the
     defaults: the size of a public log of 40,226 users and 54,542 items)."""
     write_synthetic_log = _tool("bench.training").write_synthetic_log
 

@@ -182,11 +182,11 @@ def _table(result: TrainingSpeed) -> str:
 
 
 def write_synthetic_log(path: Path, users: int, items: int, length: int, seed: int = 0) -> int:
-    """A ``user item ts`` log the size of a large public one, for timing only: each
-    user's ``length`` items (on average, geometric) drawn from a Zipf-like popularity
-    over ``items`` (exponent 0.8: a long tail in which nearly every item occurs), each item followed
-    by one of its 20 "neighbours" half of the time, so that sequences carry signal.
-    Returns the number of lines written."""
+    """A TSV log (``user_id item_id timestamp``) the size of a large public one, for
+    timing only: each user's ``length`` items (on average, geometric) drawn from a
+    Zipf-like popularity over ``items`` (exponent 0.8: a long tail in which nearly every
+    item occurs), each item followed by one of its 20 "neighbours" half of the time, so
+    that sequences carry signal. Returns the number of events written."""
     rng = np.random.default_rng(seed)
     weights = 1.0 / np.arange(1, items + 1) ** 0.8
     weights /= weights.sum()
@@ -197,6 +197,7 @@ def write_synthetic_log(path: Path, users: int, items: int, length: int, seed: i
     steps = rng.integers(1, 21, size=total)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w") as out:
+        out.write("user_id\titem_id\ttimestamp\n")
         at = 0
         for user, n in enumerate(lengths):
             item = int(popular[at])
@@ -205,6 +206,6 @@ def write_synthetic_log(path: Path, users: int, items: int, length: int, seed: i
                     item = (item + int(steps[at])) % items
                 elif position:
                     item = int(popular[at])
-                out.write(f"u{user} i{item} {1_600_000_000 + position}\n")
+                out.write(f"u{user}\ti{item}\t{1_600_000_000 + position}\n")
                 at += 1
     return total
