@@ -932,7 +932,7 @@ def bench_train(
     variants: Annotated[
         str,
         typer.Option(help="Comma-separated variants; the first is the baseline."),
-    ] = "torch-dropout,base,bf16,batch-128,batch-512,sampled",
+    ] = "torch-dropout,base,bf16,batch-128,batch-512,sampled,foreach-adamw",
     rounds: Annotated[int, typer.Option(min=1, help="Turns each variant takes.")] = 5,
     steps: Annotated[int, typer.Option(min=1, help="Timed steps per variant per turn.")] = 6,
     out: BenchOutOpt = Path("bench-out/train"),

@@ -16,7 +16,9 @@ Variants (``--variants``, in this order by default):
 - ``batch-128``, ``batch-512``: larger batches (the same targets per epoch in fewer
   steps; training scales the rate, this measures only speed);
 - ``sampled``: the sampled softmax (``loss`` sampled-ce, ``negatives`` as configured)
-  instead of the full one.
+  instead of the full one;
+- ``foreach-adamw``: AdamW's multi-tensor implementation, as training ran before the
+  fused one.
 """
 
 import json
@@ -37,11 +39,11 @@ from model.data import SequenceData, leave_one_out
 from model.errors import ConfigError
 from model.evaluate import evaluate_model
 from model.sasrec import ByteDropout, SASRec
-from model.train import NegativeSampler, sequence_loss, training_matrix
+from model.train import NegativeSampler, optimizer_for, sequence_loss, training_matrix
 
 logger = logging.getLogger(__name__)
 
-VARIANTS = ("torch-dropout", "base", "bf16", "batch-128", "batch-512", "sampled")
+VARIANTS = ("torch-dropout", "base", "bf16", "batch-128", "batch-512", "sampled", "foreach-adamw")
 
 
 class TorchDropout(ByteDropout):
@@ -92,7 +94,19 @@ def _runner(
             for child_name, child in parent.named_children():
                 if isinstance(child, ByteDropout):
                     setattr(parent, child_name, TorchDropout(child.p))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.98))
+    # The loop's optimiser (model.train.optimizer_for), or AdamW's multi-tensor
+    # implementation as training ran before it.
+    optimizer = (
+        torch.optim.AdamW(
+            model.parameters(),
+            lr=cfg.lr,
+            betas=(0.9, 0.98),
+            weight_decay=cfg.weight_decay,
+            foreach=True,
+        )
+        if name == "foreach-adamw"
+        else optimizer_for(model, cfg)
+    )
     sampler = (
         NegativeSampler.for_matrix(matrix, num_items, cfg.negatives, device)
         if name == "sampled" or cfg.loss == "sampled-ce"
