@@ -111,6 +111,24 @@ def test_bad_input_is_one_readable_line_not_a_traceback(
     assert message in proc.stderr
 
 
+def test_event_types_on_a_log_without_them_and_heads_not_dividing_dim_are_one_line(
+    log_file: Path, tmp_path: Path
+) -> None:
+    out = str(tmp_path / "out")
+    typed = recstream("train", "--data", str(log_file), "--out", out,
+                      env={"RECSTREAM_TRAIN__EVENT_TYPES": "on"})  # fmt: skip
+    # dim auto chooses 64 for this log (8 events per item); 3 heads do not divide it.
+    auto_dim = {"RECSTREAM_TRAIN__DIM": "auto", "RECSTREAM_TRAIN__HEADS": "3"}
+    heads = recstream("train", "--data", str(log_file), "--out", out, env=auto_dim)
+    for proc, message in (
+        (typed, "RECSTREAM_TRAIN__EVENT_TYPES is on, but every event in"),
+        (heads, "training settings for this data: dim (64) must be a multiple of heads (3)"),
+    ):
+        assert proc.returncode == 2
+        assert "Traceback" not in proc.stderr
+        assert message in proc.stderr
+
+
 def test_empty_data_file_is_a_clear_error(tmp_path: Path) -> None:
     empty = tmp_path / "empty.txt"
     empty.write_text("")
