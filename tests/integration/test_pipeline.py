@@ -105,6 +105,20 @@ def test_replay_eval_offline_answers_read_event_types(typed: TinyModel) -> None:
     assert answers["u"].items == typed.offline_top_k(items, 5, kinds)
 
 
+def test_a_redelivered_batch_is_answered_with_its_stored_types(
+    typed: TinyModel, tmp_path: Path
+) -> None:
+    proc = processor(typed, tmp_path)
+    items, kinds = ["item-3", "item-1"], ["add_to_cart", "view"]
+    batch = records([("e1", "u", items[0]), ("e2", "u", items[1])], 0, kinds)
+    first = proc.process(batch)
+    again = proc.process(batch)  # nothing applied: the types come from the database
+    answers = [[i["item_id"] for i in json.loads(out.recommendations[0][1])["items"]]
+               for out in (first, again)]  # fmt: skip
+    assert answers == [typed.offline_top_k(items, 5, kinds)] * 2
+    assert answers[1] != typed.offline_top_k(items, 5, ["?", "?"])  # types not known
+
+
 def test_event_types_per_event(typed: TinyModel, tmp_path: Path) -> None:
     proc = processor(typed, tmp_path, emit_per_event=True)
     kinds = [tiny_event_type("u", n) for n in range(2)]
