@@ -10,6 +10,7 @@ any other bad line. Malformed lines are skipped, counted and reported
 from __future__ import annotations
 
 import csv
+import functools
 import gc
 import importlib
 import logging
@@ -98,6 +99,16 @@ class InteractionLog:
         Ties (equal or missing ts) keep file order (stable sort); users are in order of
         first appearance.
         """
+        return {user: [x.item_id for x in group] for user, group in self._by_user.items()}
+
+    def event_types(self) -> dict[str, list[str]]:
+        """Per user, the event types of :meth:`sequences`' items, in the same order."""
+        return {user: [x.event_type for x in group] for user, group in self._by_user.items()}
+
+    @functools.cached_property
+    def _by_user(self) -> dict[str, list[Interaction]]:
+        """Each user's interactions in time order: grouped and sorted once, for both
+        :meth:`sequences` and :meth:`event_types`."""
         groups: dict[str, list[Interaction]] = {}
         for inter in self.interactions:
             group = groups.get(inter.user_id)
@@ -105,14 +116,7 @@ class InteractionLog:
                 groups[inter.user_id] = [inter]
             else:
                 group.append(inter)
-        return {user: [x.item_id for x in _time_sorted(g)] for user, g in groups.items()}
-
-    def event_types(self) -> dict[str, list[str]]:
-        """Per user, the event types of :meth:`sequences`' items, in the same order."""
-        groups: dict[str, list[Interaction]] = {}
-        for inter in self.interactions:
-            groups.setdefault(inter.user_id, []).append(inter)
-        return {user: [x.event_type for x in _time_sorted(g)] for user, g in groups.items()}
+        return {user: _time_sorted(group) for user, group in groups.items()}
 
     def has_event_types(self) -> bool:
         """Whether the events differ in type (formats without types all read "view")."""
