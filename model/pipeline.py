@@ -30,7 +30,7 @@ from model.data import (
 )
 from model.evaluate import Metrics, evaluate_popularity, evaluate_scores, popularity_order
 from model.sasrec import script_encoder, takes_event_types
-from model.sequences import IntArray, pack, type_codes
+from model.sequences import IntArray, encoder_input, type_codes
 from model.train import TrainResult, plot_training_curve, train_sasrec
 
 logger = logging.getLogger(__name__)
@@ -188,13 +188,14 @@ def evaluate_version(
     for user, items in sequences.items():
         if len(items) < 2:
             continue
-        kept = [n for n, item in enumerate(items[:-1]) if item in index]
-        known = np.array([index[items[n]] for n in kept], dtype=np.int64)
-        seen.append(known)
+        history = items[:-1]
+        codes = None
         if typed:
             types = event_types[user] if event_types is not None else [""] * len(items)
-            known = pack(known, type_codes([types[n] for n in kept]))
-        inputs.append(known)
+            codes = type_codes(types[: len(history)])
+        known, tokens = encoder_input(history, index, codes)
+        seen.append(np.asarray(known, dtype=np.int64))
+        inputs.append(np.asarray(tokens, dtype=np.int64))
         targets.append(index.get(items[-1], unknown))
     emb = torch.from_numpy(loaded.item_embeddings)
     # A zero column for unknown targets; its score is set to -inf so it is never a hit.

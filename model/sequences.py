@@ -1,6 +1,6 @@
 """Pure sequence helpers shared by training, evaluation and the worker."""
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -29,6 +29,19 @@ def type_names(codes: str) -> list[str]:
 def pack(items: Sequence[int] | IntArray, codes: Sequence[int] | IntArray) -> IntArray:
     """Item indices and their event type codes as tokens."""
     return (np.asarray(items, dtype=np.int64) << TYPE_BITS) | np.asarray(codes, dtype=np.int64)
+
+
+def encoder_input(
+    items: Sequence[str], index: Mapping[str, int], codes: Sequence[int] | IntArray | None = None
+) -> tuple[list[int], list[int]]:
+    """The indices of the ``items`` the vocabulary ``index`` knows (the others are left
+    out), and what an encoder reads for them: those indices, or with ``codes`` (one event
+    type code per item) their tokens (:func:`pack`)."""
+    kept = [n for n, item in enumerate(items) if item in index]
+    indices = [index[items[n]] for n in kept]
+    if codes is None:
+        return indices, indices
+    return indices, pack(indices, [codes[n] for n in kept]).tolist()
 
 
 def pad_left(seqs: Sequence[Sequence[int] | IntArray], max_len: int) -> IntArray:

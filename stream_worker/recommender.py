@@ -23,7 +23,7 @@ from model.artifacts import LoadedVersion, list_versions, load_version
 from model.errors import ArtifactError
 from model.index import ExactScorer, search, to_device
 from model.sasrec import takes_event_types
-from model.sequences import pack, pad_left, pad_right
+from model.sequences import encoder_input, pad_left, pad_right
 from model.train import resolve_device
 from stream_worker.encoder_cache import CachedUser, EncoderCache, Reuse, reuse
 
@@ -304,16 +304,15 @@ class Recommender:
         histories: list[list[int]] = []
         tokens: list[list[int]] = []  # what the encoder reads: histories, typed or not
         for user, items in sequences.items():
-            kept = [n for n, i in enumerate(items) if i in self.item_index]
-            indices = [self.item_index[items[n]] for n in kept]
+            codes = None
+            if self.event_types:
+                digits = (types or {}).get(user, "")
+                codes = [int(c) for c in digits] if len(digits) == len(items) else [0] * len(items)
+            indices, read = encoder_input(items, self.item_index, codes)
             if indices:
                 known_users.append(user)
                 histories.append(indices)
-                if self.event_types:
-                    codes = (types or {}).get(user, "")
-                    if len(codes) != len(items):
-                        codes = "0" * len(items)
-                    tokens.append(pack(indices, [int(codes[n]) for n in kept]).tolist())
+                tokens.append(read)
             else:
                 out[user] = popular_unseen(self.loaded.manifest["popularity"], set(items), k)
                 if times is not None:
@@ -322,7 +321,7 @@ class Recommender:
             return out
         started = time.perf_counter()
         users = None if cache_keys is None else [cache_keys[key] for key in known_users]
-        vectors = self.user_vectors(tokens if self.event_types else histories, users, times)
+        vectors = self.user_vectors(tokens, users, times)
         encoded = time.perf_counter()
         seen_sets = [set(h) for h in histories]
         depth = search_depth(k, max(map(len, seen_sets)))

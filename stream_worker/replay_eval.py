@@ -24,7 +24,7 @@ import torch
 
 from model.artifacts import LoadedVersion
 from model.sasrec import takes_event_types
-from model.sequences import pack, pad_left, type_codes
+from model.sequences import encoder_input, pad_left, type_codes
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +41,10 @@ class ReplayUser:
 
     def type_of(self, position: int) -> str:
         return self.types[position] if position < len(self.types) else "view"
+
+    def history_types(self) -> list[str]:
+        """The type sent with each history item."""
+        return [self.type_of(position) for position in range(len(self.history))]
 
 
 @dataclass
@@ -80,17 +84,15 @@ def offline_answers(
     batch = 256
     for start in range(0, len(users), batch):
         chunk = [u for u in users[start : start + batch]]
-        kept = [[n for n, i in enumerate(u.history) if i in index] for u in chunk]
-        known = [[index[u.history[n]] for n in k] for u, k in zip(chunk, kept, strict=True)]
+        encoded = [
+            encoder_input(u.history, index, type_codes(u.history_types()) if typed else None)
+            for u in chunk
+        ]
+        known = [indices for indices, _ in encoded]
         rows = [n for n, h in enumerate(known) if h]
         if not rows:
             continue
-        inputs = [
-            pack(known[n], type_codes([chunk[n].type_of(p) for p in kept[n]])) if typed
-            else known[n]
-            for n in rows
-        ]  # fmt: skip
-        seqs = torch.from_numpy(pad_left(inputs, loaded.max_len))
+        seqs = torch.from_numpy(pad_left([encoded[n][1] for n in rows], loaded.max_len))
         scores = loaded.encoder(seqs) @ emb.T
         scores[:, 0] = -torch.inf
         for row, n in enumerate(rows):

@@ -28,7 +28,7 @@ from model.config import IndexConfig, TrainConfig
 from model.data import build_sequence_data
 from model.pipeline import train_and_publish
 from model.sasrec import SASRec
-from model.sequences import EVENT_TYPES, pack, pad_left, type_codes
+from model.sequences import EVENT_TYPES, encoder_input, pad_left, type_codes
 from recstream_tools.probe import free_port, wait_ready
 from stream_worker.broker import ensure_topics
 from stream_worker.cli import app
@@ -58,8 +58,7 @@ class TinyModel:
         the most popular unseen items, as the worker's documented fallback. A model
         trained with event types reads ``types`` (one per item)."""
         index = {item: i for i, item in enumerate(self.item_ids) if i}
-        kept = [n for n, item in enumerate(sequence) if item in index]
-        history = [index[sequence[n]] for n in kept]
+        history, _ = encoder_input(sequence, index)
         if not history:
             return [item for item in self.popularity if item not in set(sequence)][:k]
         k = min(k, len(self.item_ids) - 1 - len(set(history)))
@@ -74,11 +73,11 @@ class TinyModel:
         """The eager model's scores [N + 1] of every item after ``sequence`` (its items
         the model knows; with event types, ``types`` one per item)."""
         index = {item: i for i, item in enumerate(self.item_ids) if i}
-        kept = [n for n, item in enumerate(sequence) if item in index]
-        tokens = [index[sequence[n]] for n in kept]
+        codes = None
         if self.model.event_types:
             assert types is not None and len(types) == len(sequence)
-            tokens = pack(tokens, type_codes([types[n] for n in kept])).tolist()
+            codes = type_codes(types)
+        _, tokens = encoder_input(sequence, index, codes)
         with torch.no_grad():
             return self.model.score_all(torch.from_numpy(pad_left([tokens], self.model.max_len)))[0]
 
