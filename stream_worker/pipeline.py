@@ -38,8 +38,7 @@ from stream_worker.store import (
     LastRecommendation,
     apply_batch,
     database_problem,
-    load_sequences,
-    load_types,
+    load_histories,
     stored_offsets,
 )
 
@@ -234,9 +233,8 @@ class BatchProcessor:
         # applied twice, but their users still get a recommendation from stored state.
         replayed = {e.user_id: e for e in events if e.user_id not in sequences}
         if replayed:
-            sequences.update(load_sequences(self.engine, list(replayed)))
-            if any(r.event_types for r in serving.recommenders):
-                types.update(load_types(self.engine, list(replayed)))
+            for user, (stored, codes) in load_histories(self.engine, list(replayed)).items():
+                sequences[user], types[user] = stored, codes
             for user, event in replayed.items():
                 last_event.setdefault(user, event)
         if self.settings.worker.emit_per_event:

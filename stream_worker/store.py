@@ -781,22 +781,12 @@ def _select_sequences(
 # ------------------------------------------------------------------------------- reads
 
 
-_SELECT_SEQUENCES = select(user_sequences.c.user_id, user_sequences.c["items"]).where(
-    user_sequences.c.user_id.in_(bindparam("user_ids", expanding=True))
-)
-
-
 def load_sequences(engine: Engine, user_ids: Iterable[str]) -> dict[str, list[str]]:
     """The stored sequences of ``user_ids`` (users without state are absent)."""
-    wanted = sorted(set(user_ids))
-    if not wanted:
-        return {}
-    with _transaction(engine) as conn:
-        found = _select_sequences(conn, _SELECT_SEQUENCES, wanted)
-    return {user: list(items) for user, items in found.items()}
+    return {user: items for user, (items, _) in load_histories(engine, user_ids).items()}
 
 
-_SELECT_TYPES = select(
+_SELECT_HISTORIES = select(
     user_sequences.c.user_id,
     user_sequences.c["items"],
     user_sequences.c.event_count,
@@ -804,14 +794,18 @@ _SELECT_TYPES = select(
 ).where(user_sequences.c.user_id.in_(bindparam("user_ids", expanding=True)))
 
 
-def load_types(engine: Engine, user_ids: Iterable[str]) -> dict[str, str]:
-    """The stored event type codes of ``user_ids`` (``stored_types``)."""
+def load_histories(engine: Engine, user_ids: Iterable[str]) -> dict[str, tuple[list[str], str]]:
+    """The stored sequences of ``user_ids`` and their event type codes (``stored_types``);
+    users without state are absent."""
     wanted = sorted(set(user_ids))
     if not wanted:
         return {}
     with _transaction(engine) as conn:
-        found = _select_sequences(conn, _SELECT_TYPES, wanted)
-    return {user: stored_types(row[0], int(row[1]), row[2]) for user, row in found.items()}
+        found = _select_sequences(conn, _SELECT_HISTORIES, wanted)
+    return {
+        user: (list(items), stored_types(items, int(count), kinds))
+        for user, (items, count, kinds) in found.items()
+    }
 
 
 def iter_sequences(engine: Engine, batch_size: int = 1000) -> Iterator[tuple[str, list[str]]]:

@@ -21,8 +21,8 @@ from stream_worker.store import (
     check_migrated,
     expected_revision,
     iter_sequences,
+    load_histories,
     load_sequences,
-    load_types,
     make_engine,
     metadata,
     oldest_reader,
@@ -228,6 +228,10 @@ def test_apply_batch_appends_caps_and_counts(migrated: Engine) -> None:
         ("u2", ["x", "y"]),
         ("u3", ["q"]),
     ]
+
+
+def load_types(engine: Engine, user_ids: list[str]) -> dict[str, str]:
+    return {user: codes for user, (_, codes) in load_histories(engine, user_ids).items()}
 
 
 def test_event_types_are_stored_with_their_items(migrated: Engine) -> None:
