@@ -54,6 +54,11 @@ class TrainConfig(BaseModel):
         "drawn by item frequency, with a logQ correction; auto: ce up to "
         "full_softmax_items items, sampled-ce above.",
     )
+    seen: Literal["keep", "mask"] = Field(
+        "keep",
+        description="mask: each position's softmax leaves out the items already in its "
+        "input, as serving and evaluation rank only unseen items; keep: every item.",
+    )
     full_softmax_items: int = Field(
         20_000, ge=1, description="Largest catalogue that loss auto trains with ce."
     )

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 from tqdm import tqdm
 
 from model.config import HistoryUse, TrainConfig
@@ -127,11 +128,32 @@ class NegativeSampler:
         return torch.multinomial(self.probs, self.negatives, replacement=True)
 
 
+def seen_before(items: Tensor, num_items: int, candidates: Tensor | None = None) -> Tensor:
+    """Whether each candidate is among a row's items up to each position: [B, L, C] for
+    item indices ``items`` [B, L] (0 is padding) and ``candidates`` [C] (None: every
+    item, 1 to ``num_items``)."""
+    batch, length = items.shape
+    # first[b, i]: the first position of item i in row b (length where it never occurs).
+    first = torch.full((batch, num_items + 1), length, dtype=torch.int32, device=items.device)
+    positions = torch.arange(length, dtype=torch.int32, device=items.device)
+    first.scatter_reduce_(1, items, positions.expand(batch, length), reduce="amin")
+    picked = first[:, 1:] if candidates is None else first[:, candidates]
+    return picked.unsqueeze(1) <= positions.view(1, length, 1)
+
+
 def sequence_loss(
-    model: SASRec, batch: torch.Tensor, sampler: NegativeSampler | None = None
+    model: SASRec,
+    batch: torch.Tensor,
+    sampler: NegativeSampler | None = None,
+    *,
+    mask_seen: bool = False,
 ) -> torch.Tensor:
     """Next-item cross-entropy at every non-padded position of ``batch`` [B, L + 1]:
-    over every item, or with ``sampler`` over the target and the sampler's negatives."""
+    over every item, or with ``sampler`` over the target and the sampler's negatives.
+
+    With ``mask_seen`` a position's softmax leaves out the items already in its input
+    (its target excepted): serving and evaluation rank only unseen items, so the model
+    spends nothing on pushing down what the user has had."""
     # Drop columns that are padding for the whole batch: exact (padding is masked), cheaper.
     first = int((batch != 0).any(dim=0).nonzero()[0])
     batch = batch[:, min(first, batch.size(1) - 2) :]
@@ -143,12 +165,20 @@ def sequence_loss(
     emb = model.item_embeddings()
     if sampler is None:
         # Padding (row 0) is never a next item: leave it out of the softmax.
-        return F.cross_entropy(hidden @ emb[1:].T, target - 1)
+        logits = hidden @ emb[1:].T
+        if mask_seen:
+            seen = seen_before(model.targets(inputs), emb.size(0) - 1)[mask]
+            seen[torch.arange(len(target)), target - 1] = False
+            logits = logits.masked_fill(seen, -torch.inf)
+        return F.cross_entropy(logits, target - 1)
     negatives = sampler.draw()
     pos_logits = (hidden * emb[target]).sum(dim=1, keepdim=True) - sampler.log_q[target, None]
     neg_logits = hidden @ emb[negatives].T - sampler.log_q[negatives]
     # A negative that is the position's own target is not a negative.
-    neg_logits = neg_logits.masked_fill(negatives.unsqueeze(0) == target.unsqueeze(1), -torch.inf)
+    drop = negatives.unsqueeze(0) == target.unsqueeze(1)
+    if mask_seen:
+        drop = drop | seen_before(model.targets(inputs), emb.size(0) - 1, negatives)[mask]
+    neg_logits = neg_logits.masked_fill(drop, -torch.inf)
     logits = torch.cat([pos_logits, neg_logits], dim=1)
     return F.cross_entropy(logits, torch.zeros_like(target))
 
@@ -247,7 +277,7 @@ def train_sasrec(
             idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
             batch = torch.from_numpy(matrix[idx]).to(device)
             samples += int(((batch[:, 1:] != 0) & (batch[:, :-1] != 0)).sum())
-            loss = sequence_loss(model, batch, sampler)
+            loss = sequence_loss(model, batch, sampler, mask_seen=cfg.seen == "mask")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()  # type: ignore[no-untyped-call]
             optimizer.step()
