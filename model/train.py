@@ -128,17 +128,26 @@ class NegativeSampler:
         return torch.multinomial(self.probs, self.negatives, replacement=True)
 
 
-def seen_before(items: Tensor, num_items: int, candidates: Tensor | None = None) -> Tensor:
-    """Whether each candidate is among a row's items up to each position: [B, L, C] for
-    item indices ``items`` [B, L] (0 is padding) and ``candidates`` [C] (None: every
-    item, 1 to ``num_items``)."""
+def seen_before(items: Tensor, num_items: int, candidates: Tensor) -> Tensor:
+    """Whether each of ``candidates`` [C] is among a row's items up to each position:
+    [B, L, C], for item indices ``items`` [B, L] (0 is padding) of ``num_items``."""
     batch, length = items.shape
     # first[b, i]: the first position of item i in row b (length where it never occurs).
     first = torch.full((batch, num_items + 1), length, dtype=torch.int32, device=items.device)
     positions = torch.arange(length, dtype=torch.int32, device=items.device)
     first.scatter_reduce_(1, items, positions.expand(batch, length), reduce="amin")
-    picked = first[:, 1:] if candidates is None else first[:, candidates]
-    return picked.unsqueeze(1) <= positions.view(1, length, 1)
+    return first[:, candidates].unsqueeze(1) <= positions.view(1, length, 1)
+
+
+def seen_pairs(items: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Each item at or before each position ``mask`` [B, L] selects, in ``items`` [B, L]
+    (0 is padding): (the position's number among the selected, row-major; the item).
+    Repeated items come once per occurrence."""
+    length = items.size(1)
+    number = mask.flatten().cumsum(0).view(mask.shape) - 1
+    earlier = torch.ones(length, length, dtype=torch.bool, device=items.device).tril()
+    b, at, before = (earlier & mask.unsqueeze(2) & (items != 0).unsqueeze(1)).nonzero(as_tuple=True)
+    return number[b, at], items[b, before]
 
 
 def sequence_loss(
@@ -167,9 +176,12 @@ def sequence_loss(
         # Padding (row 0) is never a next item: leave it out of the softmax.
         logits = hidden @ emb[1:].T
         if mask_seen:
-            seen = seen_before(model.targets(inputs), emb.size(0) - 1)[mask]
-            seen[torch.arange(len(target)), target - 1] = False
-            logits = logits.masked_fill(seen, -torch.inf)
+            rows, items = seen_pairs(model.targets(inputs), mask)
+            other = items != target[rows]
+            # Outside autograd: the loss's gradient at a logit is its softmax share, 0
+            # once it is -inf, so the gradients are exact and no mask is kept for them.
+            with torch.no_grad():
+                logits.index_put_((rows[other], items[other] - 1), torch.tensor(-torch.inf))
         return F.cross_entropy(logits, target - 1)
     negatives = sampler.draw()
     pos_logits = (hidden * emb[target]).sum(dim=1, keepdim=True) - sampler.log_q[target, None]

@@ -13,7 +13,14 @@ from model.data import build_sequence_data
 from model.errors import ConfigError
 from model.pipeline import evaluate_version, train_and_publish
 from model.sasrec import ByteDropout, SASRec
-from model.train import NegativeSampler, sequence_loss, train_sasrec, training_matrix
+from model.train import (
+    NegativeSampler,
+    seen_before,
+    seen_pairs,
+    sequence_loss,
+    train_sasrec,
+    training_matrix,
+)
 from stream_worker.produce import generated_log
 
 TINY = TrainConfig(
@@ -154,6 +161,79 @@ def test_logq_correction_makes_the_sampled_gradient_the_full_softmax_one() -> No
     cos = torch.nn.functional.cosine_similarity
     assert cos(corrected, full, dim=0) > 0.95
     assert cos(uncorrected, full, dim=0) < cos(corrected, full, dim=0) - 0.1
+
+
+def test_seen_items_are_found_up_to_each_position() -> None:
+    rng = np.random.default_rng(0)
+    items = torch.from_numpy(rng.integers(0, 9, size=(5, 7)))  # repeats, and 0 padding
+    candidates = torch.tensor([3, 8, 1, 3])
+    mask = torch.from_numpy(rng.random((5, 7)) < 0.7)
+    seen = seen_before(items, 8, candidates)
+    rows, found = seen_pairs(items, mask)
+    assert seen.shape == (5, 7, 4)
+    selected = [(b, pos) for b, pos in itertools.product(range(5), range(7)) if mask[b, pos]]
+    for b, pos in itertools.product(range(5), range(7)):
+        had = [int(i) for i in items[b, : pos + 1] if i != 0]
+        assert [bool(x) for x in seen[b, pos]] == [int(c) in had for c in candidates]
+        if mask[b, pos]:
+            number = selected.index((b, pos))
+            assert sorted(found[rows == number].tolist()) == sorted(had)
+    assert set(rows.tolist()) <= set(range(len(selected)))
+
+
+def _masked_loss_by_hand(
+    model: SASRec, batch: torch.Tensor, candidates: torch.Tensor | None, shift: torch.Tensor
+) -> torch.Tensor:
+    """Cross-entropy at each position over the target and the candidates (every item
+    when None) not already in the position's input, logits shifted by ``shift``."""
+    inputs, targets = batch[:, :-1], batch[:, 1:]
+    hidden, emb = model(inputs), model.item_embeddings()
+    losses = []
+    for b, pos in itertools.product(range(batch.size(0)), range(inputs.size(1))):
+        target = int(targets[b, pos])
+        if target == 0 or inputs[b, pos] == 0:
+            continue
+        had = {int(i) for i in inputs[b, : pos + 1]}
+        pool = range(1, emb.size(0)) if candidates is None else [int(c) for c in candidates]
+        others = [c for c in pool if c not in had and c != target]
+        ids = torch.tensor([target, *others])
+        logits = hidden[b, pos] @ emb[ids].T - shift[ids]
+        losses.append(torch.logsumexp(logits, dim=0) - logits[0])
+    return torch.stack(losses).mean()
+
+
+def test_masking_seen_items_leaves_them_out_of_each_positions_softmax() -> None:
+    torch.manual_seed(0)
+    items = 12
+    model = SASRec(items, max_len=6, dim=8, blocks=1, dropout=0.0).eval()
+    # Rows with repeats (a target may itself be in its input: it stays the target).
+    batch = torch.tensor([[0, 0, 3, 5, 3, 7, 5], [2, 4, 6, 8, 10, 12, 2], [0, 0, 0, 0, 0, 1, 9]])
+    zero = torch.zeros(items + 1)
+    full = sequence_loss(model, batch, mask_seen=True)
+    by_hand = _masked_loss_by_hand(model, batch, None, zero)
+    assert full.item() == pytest.approx(by_hand.item())
+    # The mask is applied outside autograd: the gradients are the by-hand loss's still.
+    params = list(model.parameters())
+    grads = torch.autograd.grad(full, params, allow_unused=True)
+    expected = torch.autograd.grad(by_hand, params, allow_unused=True)
+    for got, want in zip(grads, expected, strict=True):
+        if want is not None:
+            assert got is not None and torch.allclose(got, want, atol=1e-6)
+    assert full.item() < sequence_loss(model, batch).item()  # fewer rivals, lower loss
+
+    sampler = NegativeSampler(np.array([0, *range(1, items + 1)]), 6, torch.device("cpu"))
+    torch.manual_seed(1)
+    negatives = sampler.draw()
+    torch.manual_seed(1)
+    sampled = sequence_loss(model, batch, sampler, mask_seen=True)
+    by_hand_sampled = _masked_loss_by_hand(model, batch, negatives, sampler.log_q)
+    assert sampled.item() == pytest.approx(by_hand_sampled.item(), rel=1e-5)
+
+
+def test_training_with_seen_items_masked_learns() -> None:
+    data = build_sequence_data(cyclic_sequences())
+    cfg = TINY.model_copy(update={"seen": "mask"})
+    assert train_sasrec(data, cfg, progress=False).test["hr@10"] > 0.9
 
 
 def test_event_types_teach_what_the_items_alone_cannot() -> None:

@@ -18,7 +18,9 @@ Variants (``--variants``, in this order by default):
 - ``sampled``: the sampled softmax (``loss`` sampled-ce, ``negatives`` as configured)
   instead of the full one;
 - ``foreach-adamw``: AdamW's multi-tensor implementation, as training ran before the
-  fused one.
+  fused one;
+- ``mask-seen``: each position's softmax leaves out the items already in its input
+  (``seen`` mask).
 """
 
 import json
@@ -43,7 +45,16 @@ from model.train import NegativeSampler, optimizer_for, sequence_loss, training_
 
 logger = logging.getLogger(__name__)
 
-VARIANTS = ("torch-dropout", "base", "bf16", "batch-128", "batch-512", "sampled", "foreach-adamw")
+VARIANTS = (
+    "torch-dropout",
+    "base",
+    "bf16",
+    "batch-128",
+    "batch-512",
+    "sampled",
+    "foreach-adamw",
+    "mask-seen",
+)
 
 
 class TorchDropout(ByteDropout):
@@ -112,11 +123,12 @@ def _runner(
         if name == "sampled" or cfg.loss == "sampled-ce"
         else None
     )
+    mask_seen = name == "mask-seen" or cfg.seen == "mask"
     model.train()
 
     def step(batch: Tensor) -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=name == "bf16"):
-            loss = sequence_loss(model, batch, sampler)
+            loss = sequence_loss(model, batch, sampler, mask_seen=mask_seen)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()  # type: ignore[no-untyped-call]
         optimizer.step()
