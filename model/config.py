@@ -54,8 +54,8 @@ class TrainConfig(BaseModel):
         "drawn by item frequency, with a logQ correction; auto: ce up to "
         "full_softmax_items items, sampled-ce above.",
     )
-    seen: Literal["keep", "mask"] = Field(
-        "keep",
+    seen: Literal["mask", "keep"] = Field(
+        "mask",
         description="mask: each position's softmax leaves out the items already in its "
         "input, as serving and evaluation rank only unseen items; keep: every item.",
     )

@@ -181,7 +181,7 @@ def sequence_loss(
             # Outside autograd: the loss's gradient at a logit is its softmax share, 0
             # once it is -inf, so the gradients are exact and no mask is kept for them.
             with torch.no_grad():
-                logits.index_put_((rows[other], items[other] - 1), torch.tensor(-torch.inf))
+                logits.index_put_((rows[other], items[other] - 1), logits.new_tensor(-torch.inf))
         return F.cross_entropy(logits, target - 1)
     negatives = sampler.draw()
     pos_logits = (hidden * emb[target]).sum(dim=1, keepdim=True) - sampler.log_q[target, None]

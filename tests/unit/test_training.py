@@ -230,9 +230,10 @@ def test_masking_seen_items_leaves_them_out_of_each_positions_softmax() -> None:
     assert sampled.item() == pytest.approx(by_hand_sampled.item(), rel=1e-5)
 
 
-def test_training_with_seen_items_masked_learns() -> None:
+def test_training_with_seen_items_kept_in_the_softmax_learns_too() -> None:
+    assert TINY.seen == "mask"  # the default, which the other tests train with
     data = build_sequence_data(cyclic_sequences())
-    cfg = TINY.model_copy(update={"seen": "mask"})
+    cfg = TINY.model_copy(update={"seen": "keep"})
     assert train_sasrec(data, cfg, progress=False).test["hr@10"] > 0.9
 
 
