@@ -251,7 +251,9 @@ def test_event_types_teach_what_the_items_alone_cannot() -> None:
             item = (item + (1 if kind == "view" else 2)) % 30
         sequences[f"u{u}"], types[f"u{u}"] = items, kinds
     data = build_sequence_data(sequences, event_types=types)
-    update = {"epochs": 20, "patience": 20, "block": "pre-norm", "lr_schedule": "constant"}
+    # 40 epochs: with seen items masked the typed model needs more than 20 here (HR@1
+    # 0.77 at 20, 1.0 at 40; 0.97 and 0.99 with them kept).
+    update = {"epochs": 40, "patience": 40, "block": "pre-norm", "lr_schedule": "constant"}
     cfg = TINY.model_copy(update=update)
     typed = train_sasrec(data, cfg.model_copy(update={"event_types": "on"}), progress=False)
     plain = train_sasrec(data, cfg, progress=False)

@@ -19,8 +19,8 @@ Variants (``--variants``, in this order by default):
   instead of the full one;
 - ``foreach-adamw``: AdamW's multi-tensor implementation, as training ran before the
   fused one;
-- ``mask-seen``: each position's softmax leaves out the items already in its input
-  (``seen`` mask).
+- ``keep-seen``: each position's softmax over every item, the user's own earlier items
+  included, as training ran before ``seen`` mask.
 """
 
 import json
@@ -53,7 +53,7 @@ VARIANTS = (
     "batch-512",
     "sampled",
     "foreach-adamw",
-    "mask-seen",
+    "keep-seen",
 )
 
 
@@ -123,7 +123,7 @@ def _runner(
         if name == "sampled" or cfg.loss == "sampled-ce"
         else None
     )
-    mask_seen = name == "mask-seen" or cfg.seen == "mask"
+    mask_seen = cfg.seen == "mask" and name != "keep-seen"
     model.train()
 
     def step(batch: Tensor) -> None:
