@@ -38,6 +38,7 @@ from sqlalchemy.engine import Engine
 
 from model.artifact_store import open_store
 from model.errors import RecstreamError
+from stream_worker.errors import WorkerError
 from stream_worker.kafka_config import bootstrap_list, faust_broker_options, security_options
 from stream_worker.metrics import WorkerMetrics
 from stream_worker.pipeline import BatchProcessor, RawRecord
@@ -131,6 +132,10 @@ class BatchConsumer(mode.Service):
         self._to_commit: dict[Any, int] = {}
         self._last_commit = time.monotonic()
         self._committing: asyncio.Future[None] | None = None
+        # Set once a send is refused: from then on nothing is processed or committed in
+        # this process (a later batch's acknowledged outputs must not carry a commit
+        # past the refused ones), and the restart reads the batches again.
+        self._publish_failed: BaseException | None = None
         # In the consumer group: set once a rebalance assigned this member its share
         # (possibly none), cleared while one is under way and at stop.
         self.in_group = False
@@ -227,16 +232,20 @@ class BatchConsumer(mode.Service):
                 self.consumer.seek(tp, position + 1)
 
     async def on_stop(self) -> None:
-        # Let the batch in flight publish and commit, then leave the group.
+        # Let the batch in flight publish and commit, then leave the group: the clients
+        # close even when the commit is refused, so the group rebalances at once.
         self.in_group = False
         async with self.in_flight:
-            if self.consumer is not None:
-                await self.commit_now(self.consumer)
-                await self.consumer.stop()
-                self.consumer = None
-            if self.producer is not None:
-                await self.producer.stop()
-                self.producer = None
+            try:
+                if self.consumer is not None and self._publish_failed is None:
+                    await self.commit_now(self.consumer)
+            finally:
+                if self.consumer is not None:
+                    await self.consumer.stop()
+                    self.consumer = None
+                if self.producer is not None:
+                    await self.producer.stop()
+                    self.producer = None
 
     @mode.Service.task
     async def _consume(self) -> None:
@@ -249,7 +258,7 @@ class BatchConsumer(mode.Service):
                 timeout_ms=max(worker.batch_max_wait_ms, 1), max_records=worker.batch_size
             )
             async with self.in_flight:
-                if self.consumer is None:
+                if self.consumer is None or self._publish_failed is not None:
                     return
                 if fetched:
                     await self._handle(fetched)
@@ -309,11 +318,19 @@ class BatchConsumer(mode.Service):
         """Wait until every output sent so far is acknowledged, then commit the offsets
         of the batches that produced them. A failed send raises: the worker stops
         without committing, and the batch is read again after the restart."""
+        if self._publish_failed is not None:
+            raise WorkerError(
+                f"not committing: a send was refused earlier ({self._publish_failed!r})"
+            )
         started = time.perf_counter()
         unacked, self._unacked = self._unacked, []
         offsets, self._to_commit = self._to_commit, {}
         self._last_commit = time.monotonic()
-        await asyncio.gather(*unacked)
+        try:
+            await asyncio.gather(*unacked)
+        except BaseException as exc:
+            self._publish_failed = exc
+            raise
         if offsets:
             try:
                 await consumer.commit(offsets)

@@ -162,6 +162,7 @@ class Load:
         self.bad: dict[tuple[bytes, bytes | None], str] = {}
         self.acked: list[Acked] = []
         self.failed = 0
+        self._all_hostile = False  # set by hostile_only()
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="load", daemon=True)
@@ -184,6 +185,10 @@ class Load:
             label, key, value = huge_record(self.prefix)
             self.bad[(key, value)] = label
             return key, value, False
+        if self._all_hostile:  # numbered past the every-bad_every-th ones
+            label, key, maybe = hostile_record(1_000_000 + n, self.prefix, now_ms)
+            self.bad[(key, maybe)] = label
+            return key, maybe, False
         if self.bad_every and n % self.bad_every == self.bad_every - 1:
             label, key, maybe = hostile_record(n // self.bad_every, self.prefix, now_ms)
             self.bad[(key, maybe)] = label
@@ -215,6 +220,10 @@ class Load:
     def start(self) -> Load:
         self._thread.start()
         return self
+
+    def hostile_only(self) -> None:
+        """Send only hostile records from now on."""
+        self._all_hostile = True
 
     def stop(self) -> None:
         """Stop sending, wait for every outstanding acknowledgement, close the producer."""

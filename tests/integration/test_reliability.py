@@ -260,6 +260,38 @@ def test_a_send_the_broker_refuses_stops_the_worker_without_committing(
     assert_clean(report)
 
 
+def test_dead_letters_acknowledged_after_a_refused_send_do_not_carry_a_commit_past_it(
+    broker: KafkaCluster, tiny: TinyModel, pg_schema_url: str, tmp_path: Path
+) -> None:
+    """As above, but only hostile records follow the fault: the batches after the
+    refused one publish dead letters, which the broker accepts. Documented outcome: no
+    commit after a refused send (a commit of those batches' offsets would skip the
+    refused recommendations for good); the restart publishes them."""
+    run_migrations(pg_schema_url)
+    with Chaos(
+        bootstrap=broker.bootstrap_servers, db_url=pg_schema_url, model=tiny,
+        workdir=tmp_path, name="refusedbad",
+    ) as chaos:  # fmt: skip
+        chaos.start_worker("w1")
+        load = chaos.start_load(users=200, rate=150, bad_every=40)
+        time.sleep(2.0)
+        targets = chaos.fault_point()
+        recs = chaos.topics["recommendations"]
+        topic_config(broker.bootstrap_servers, recs, {"max.message.bytes": "64"})
+        load.hostile_only()
+        code = _wait_exit(chaos, "w1")
+        chaos.check_commits()
+        topic_config(broker.bootstrap_servers, recs, {"max.message.bytes": "1048588"})
+        since = time.monotonic()
+        chaos.start_worker("w1")
+        chaos.recovered(targets, since)
+        log = chaos.workers["w1"].log()
+        report = chaos.finish()
+    assert code != 0
+    assert "publishing failed; stopping without committing" in log
+    assert_clean(report)
+
+
 def test_a_failed_commit_is_logged_and_covered_by_the_stored_offsets(
     broker: KafkaCluster, tiny: TinyModel, pg_schema_url: str, tmp_path: Path
 ) -> None:
