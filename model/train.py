@@ -69,8 +69,37 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+SORT_RUN_BATCHES = 64
+
+
+def epoch_batches(
+    matrix: IntArray, batch_size: int, rng: np.random.Generator, by_length: bool = False
+) -> list[IntArray]:
+    """One epoch's batches of row indices: a random order, or with ``by_length`` a random
+    order whose runs of ``SORT_RUN_BATCHES`` batches are sorted by row length and cut
+    into batches taken in random order (rows of a batch pad to about the same length,
+    and the loss drops the columns that are padding in every row)."""
+    order = rng.permutation(len(matrix))
+    if by_length:
+        lengths = (matrix != 0).sum(axis=1)
+        run = batch_size * SORT_RUN_BATCHES
+        order = np.concatenate(
+            [
+                chunk[np.argsort(lengths[chunk], kind="stable")]
+                for chunk in np.split(order, range(run, len(order), run))
+            ]
+        )
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    if by_length:
+        batches = [batches[i] for i in rng.permutation(len(batches))]
+    return batches
+
+
 def training_matrix(
-    prefixes: Sequence[IntArray], max_len: int, history: HistoryUse = "newest"
+    prefixes: Sequence[IntArray],
+    max_len: int,
+    history: HistoryUse = "newest",
+    rng: np.random.Generator | None = None,
 ) -> IntArray:
     """Rows of ``max_len + 1`` items (left-padded); input = row[:-1], target = row[1:].
 
@@ -78,18 +107,27 @@ def training_matrix(
     also cuts the older items into windows of ``max_len + 1`` that overlap by one item,
     so that every transition of a long history is a target exactly once instead of
     being dropped (at ``max_len`` 100, MovieLens-1M's newest windows hold 45% of its
-    transitions). Users with fewer than two items teach nothing and are left out.
+    transitions). ``shifted`` cuts the same way after a first older window of a random
+    1 to ``max_len`` targets (drawn from ``rng`` per user): called once an epoch, each
+    older transition is still a target once, under another context and position.
+    Users with fewer than two items teach nothing and are left out.
     """
+    if history == "shifted" and rng is None:
+        raise ValueError("history 'shifted' needs an rng")
     rows: list[IntArray] = []
     for prefix in prefixes:
         if len(prefix) < 2:
             continue
-        end = len(prefix)
+        end, targets = len(prefix), max_len  # the newest window, as serving reads it
         while True:
-            rows.append(prefix[max(0, end - max_len - 1) : end])
-            end -= max_len
+            rows.append(prefix[max(0, end - targets - 1) : end])
+            newest = end == len(prefix)
+            end -= targets
             if history == "newest" or end < 2:
                 break
+            targets = max_len
+            if history == "shifted" and newest and rng is not None:
+                targets = int(rng.integers(1, max_len + 1))
     out = np.zeros((len(rows), max_len + 1), dtype=np.int64)
     for i, row in enumerate(rows):
         out[i, max_len + 1 - len(row) :] = row
@@ -156,13 +194,20 @@ def sequence_loss(
     sampler: NegativeSampler | None = None,
     *,
     mask_seen: bool = False,
+    future: int = 1,
+    future_weight: float = 0.5,
 ) -> torch.Tensor:
     """Next-item cross-entropy at every non-padded position of ``batch`` [B, L + 1]:
     over every item, or with ``sampler`` over the target and the sampler's negatives.
 
     With ``mask_seen`` a position's softmax leaves out the items already in its input
     (its target excepted): serving and evaluation rank only unseen items, so the model
-    spends nothing on pushing down what the user has had."""
+    spends nothing on pushing down what the user has had.
+
+    With ``future`` > 1 (full softmax only) the same softmax also scores the items
+    2 to ``future`` steps ahead in the row, the k-th ahead weighted ``future_weight **
+    (k - 1)`` (each term a mean over the positions that have such an item): the order
+    of what comes next is noisy, the set less so."""
     # Drop columns that are padding for the whole batch: exact (padding is masked), cheaper.
     first = int((batch != 0).any(dim=0).nonzero()[0])
     batch = batch[:, min(first, batch.size(1) - 2) :]
@@ -182,7 +227,18 @@ def sequence_loss(
             # once it is -inf, so the gradients are exact and no mask is kept for them.
             with torch.no_grad():
                 logits.index_put_((rows[other], items[other] - 1), logits.new_tensor(-torch.inf))
-        return F.cross_entropy(logits, target - 1)
+        if future <= 1:
+            return F.cross_entropy(logits, target - 1)
+        log_p = logits.log_softmax(dim=1)
+        loss: torch.Tensor = -log_p.gather(1, (target - 1).unsqueeze(1)).mean()
+        for k in range(1, future):
+            ahead = model.targets(F.pad(targets[:, k:], (0, k)))[mask]  # 0: past the row
+            ahead_log_p = log_p.gather(1, (ahead - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
+            # An item ahead that is also in the input is masked (-inf): not a target.
+            valid = (ahead != 0) & torch.isfinite(ahead_log_p)
+            if bool(valid.any()):
+                loss = loss - future_weight**k * ahead_log_p[valid].mean()
+        return loss
     negatives = sampler.draw()
     pos_logits = (hidden * emb[target]).sum(dim=1, keepdim=True) - sampler.log_q[target, None]
     neg_logits = hidden @ emb[negatives].T - sampler.log_q[negatives]
@@ -232,7 +288,8 @@ def train_sasrec(
         model_test_inputs = [
             pack(seq, t[: len(seq)]) for seq, t in zip(test_inputs, data.types, strict=True)
         ]
-    matrix = training_matrix(model_prefixes, cfg.max_len, cfg.history)
+    generator = np.random.default_rng(cfg.seed)
+    matrix = training_matrix(model_prefixes, cfg.max_len, cfg.history, generator)
     if len(matrix) == 0:
         raise DataError("no user has enough interactions to train on (need at least 4 each)")
 
@@ -249,13 +306,16 @@ def train_sasrec(
     )
     model = SASRec.from_config(num_items, cfg).to(device)
     optimizer = optimizer_for(model, cfg)
-    steps_per_epoch = math.ceil(len(matrix) / cfg.batch_size)
+    total_steps = cfg.epochs * math.ceil(len(matrix) / cfg.batch_size)
     scheduler = (
-        torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs * steps_per_epoch)
+        # Cosine to 0 over the planned steps, then 0 (shifted windows vary the steps a bit).
+        torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            lambda step: 0.5 * (1 + math.cos(math.pi * min(step / total_steps, 1.0))),
+        )
         if cfg.lr_schedule == "cosine"
         else None
     )
-    generator = np.random.default_rng(cfg.seed)
     # Each epoch's validation: every user, or a fixed sample of them on large logs (a
     # full ranking per user costs as much as several training steps).
     watched = np.arange(len(prefixes))
@@ -280,16 +340,23 @@ def train_sasrec(
     for epoch in epochs:
         epoch_start = time.perf_counter()
         model.train()
-        order = generator.permutation(len(matrix))
-        total, steps, samples = 0.0, steps_per_epoch, 0
-        batches = tqdm(
-            range(steps), desc=f"epoch {epoch}", disable=not progress, leave=False, unit="batch"
-        )
-        for step in batches:
-            idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
+        if cfg.history == "shifted" and epoch > 1:
+            matrix = training_matrix(model_prefixes, cfg.max_len, cfg.history, generator)
+        rows = epoch_batches(matrix, cfg.batch_size, generator, cfg.batching == "by-length")
+        total, steps, samples = 0.0, len(rows), 0
+        for idx in tqdm(
+            rows, desc=f"epoch {epoch}", disable=not progress, leave=False, unit="batch"
+        ):
             batch = torch.from_numpy(matrix[idx]).to(device)
             samples += int(((batch[:, 1:] != 0) & (batch[:, :-1] != 0)).sum())
-            loss = sequence_loss(model, batch, sampler, mask_seen=cfg.seen == "mask")
+            loss = sequence_loss(
+                model,
+                batch,
+                sampler,
+                mask_seen=cfg.seen == "mask",
+                future=cfg.future,
+                future_weight=cfg.future_weight,
+            )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()  # type: ignore[no-untyped-call]
             optimizer.step()
