@@ -33,6 +33,13 @@ class TrainConfig(BaseModel):
     blocks: int = Field(2, ge=1, le=24, description="Transformer blocks.")
     heads: int = Field(1, ge=1, le=64, description="Attention heads (dividing dim).")
     dropout: float = Field(0.2, ge=0.0, lt=1.0, description="Dropout in training.")
+    token_dropout: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="In training, the share of input items whose embedding is left out "
+        "(their positions stay).",
+    )
     block: BlockStyle = Field(
         "sasrec",
         description="pre-norm, or sasrec: the SASRec paper's block (normed queries carry "
@@ -127,6 +134,8 @@ class TrainConfig(BaseModel):
     def _heads_divide_dim(self) -> "TrainConfig":
         if self.dim != "auto" and self.dim % self.heads:
             raise ValueError(f"dim ({self.dim}) must be a multiple of heads ({self.heads})")
+        if self.future > 1 and self.loss == "sampled-ce":
+            raise ValueError(f"future {self.future} needs the full softmax (loss ce)")
         return self
 
 

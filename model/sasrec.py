@@ -209,6 +209,7 @@ class SASRec(nn.Module):
         dropout: float = 0.2,
         block: str = "pre-norm",
         event_types: bool = False,
+        token_dropout: float = 0.0,
     ) -> None:
         super().__init__()
         self.num_items = num_items
@@ -222,6 +223,9 @@ class SASRec(nn.Module):
         self.item_emb = nn.Embedding(num_items + 1, dim, padding_idx=0)
         self.pos_emb = nn.Embedding(max_len, dim)
         self.emb_drop = ByteDropout(dropout)
+        # In training, each input item's embedding is left out (its position kept) with
+        # this probability: the model learns not to lean on any one earlier item.
+        self.token_dropout = token_dropout
         self.blocks = nn.ModuleList([Block(dim, heads, dropout, block) for _ in range(blocks)])
         self.final_norm = nn.LayerNorm(dim)
         self.scale = math.sqrt(dim)
@@ -238,6 +242,7 @@ class SASRec(nn.Module):
             cfg.dropout,
             cfg.block,
             cfg.event_types == "on",
+            cfg.token_dropout,
         )
 
     def _init_weights(self) -> None:
@@ -259,6 +264,8 @@ class SASRec(nn.Module):
             x: Tensor = self.item_emb(items) * self.scale + self.type_emb(tokens & self.type_mask)
         else:
             x = self.item_emb(tokens) * self.scale
+        if self.training and self.token_dropout > 0:
+            x = x * (torch.rand(tokens.shape, device=x.device) >= self.token_dropout).unsqueeze(-1)
         out: Tensor = x + self.pos_emb(positions)
         return out
 

@@ -129,6 +129,28 @@ def test_scripted_encoder_matches_eager(tmp_path: pytest.TempPathFactory, block:
         assert torch.allclose(loaded(seqs[:, -3:]), model.encode(seqs[:, -3:]), atol=1e-5)
 
 
+def test_token_dropout_leaves_out_whole_item_embeddings_in_training_only(
+    tmp_path: pytest.TempPathFactory,
+) -> None:
+    torch.manual_seed(0)
+    model = SASRec(50, 12, 8, 1, 1, 0.0, "sasrec", False, 0.3)
+    seqs = torch.randint(1, 51, (400, 12))
+    positions = torch.arange(12).expand(400, 12)
+    model.train()
+    items = model.embed(seqs, positions) - model.pos_emb(positions)
+    dropped = (items == 0).all(dim=-1)
+    assert (items != 0).all(dim=-1).logical_or(dropped).all()  # whole vectors or none
+    assert 0.27 < float(dropped.float().mean()) < 0.33
+    model.eval()
+    assert not (model.embed(seqs, positions) - model.pos_emb(positions) == 0).all(-1).any()
+    # The exported encoder is the eval model's.
+    path = f"{tmp_path}/encoder.pt"
+    script_encoder(model).save(path)
+    padded = torch.from_numpy(pad_left(random_sequences(8, 50, 12), 12))
+    with torch.no_grad():
+        assert torch.allclose(load_encoder(path)(padded), model.encode(padded), atol=1e-5)
+
+
 def test_no_nan_for_all_padding_rows() -> None:
     model = tiny_model()
     with torch.no_grad():

@@ -382,3 +382,9 @@ def test_train_and_publish_then_evaluate_the_published_version(tmp_path: Path) -
     assert evaluation.popularity["hr@10"] == pytest.approx(
         published.result.popularity_test["hr@10"]
     )
+
+
+def test_items_ahead_need_the_full_softmax() -> None:
+    with pytest.raises(ConfigError, match="future 3 needs the full softmax"):
+        TrainConfig(future=3).resolved(num_items=50_000, events=10**6)
+    assert TrainConfig(future=3).resolved(num_items=3_000, events=10**6).loss == "ce"
