@@ -229,15 +229,20 @@ def sequence_loss(
                 logits.index_put_((rows[other], items[other] - 1), logits.new_tensor(-torch.inf))
         if future <= 1:
             return F.cross_entropy(logits, target - 1)
-        log_p = logits.log_softmax(dim=1)
-        loss: torch.Tensor = -log_p.gather(1, (target - 1).unsqueeze(1)).mean()
-        for k in range(1, future):
-            ahead = model.targets(F.pad(targets[:, k:], (0, k)))[mask]  # 0: past the row
-            ahead_log_p = log_p.gather(1, (ahead - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
-            # An item ahead that is also in the input is masked (-inf): not a target.
-            valid = (ahead != 0) & torch.isfinite(ahead_log_p)
-            if bool(valid.any()):
-                loss = loss - future_weight**k * ahead_log_p[valid].mean()
+        # The next item and the ones after it (0: past the row), gathered at once: each
+        # gather's backward writes a dense [positions, items] gradient.
+        ahead = torch.stack(
+            [target]
+            + [model.targets(F.pad(targets[:, k:], (0, k)))[mask] for k in range(1, future)],
+            dim=1,
+        )
+        log_p = logits.log_softmax(dim=1).gather(1, (ahead - 1).clamp(min=0))
+        # An item ahead that is also in the input is masked (-inf): not a target.
+        valid = (ahead != 0) & torch.isfinite(log_p)
+        counts = valid.sum(dim=0).clamp(min=1)
+        weights = future_weight ** torch.arange(future, device=logits.device, dtype=logits.dtype)
+        per_step = -torch.where(valid, log_p, 0.0).sum(dim=0) / counts
+        loss: torch.Tensor = (weights * per_step).sum()
         return loss
     negatives = sampler.draw()
     pos_logits = (hidden * emb[target]).sum(dim=1, keepdim=True) - sampler.log_q[target, None]

@@ -309,6 +309,12 @@ def test_future_items_are_scored_by_the_same_masked_softmax() -> None:
     three = sequence_loss(model, batch, mask_seen=True, future=3, future_weight=0.3)
     want = mean[1] + 0.3 * mean[2] + 0.09 * mean[3]
     assert three.item() == pytest.approx(want.item(), rel=1e-5)
+    params = [p for p in model.parameters() if p.requires_grad]
+    got = torch.autograd.grad(three, params, allow_unused=True)
+    expected = torch.autograd.grad(want, params, allow_unused=True)
+    for g, w in zip(got, expected, strict=True):
+        if w is not None:
+            assert g is not None and torch.allclose(g, w, atol=1e-6)
 
 
 def test_training_with_seen_items_kept_in_the_softmax_learns_too() -> None:
