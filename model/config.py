@@ -12,7 +12,7 @@ from model.errors import ConfigError
 
 BlockStyle = Literal["pre-norm", "sasrec"]
 BLOCK_STYLES: tuple[str, ...] = get_args(BlockStyle)
-HistoryUse = Literal["newest", "all", "shifted"]
+HistoryUse = Literal["newest", "all"]
 Loss = Literal["auto", "ce", "sampled-ce"]
 
 # dim auto: the wide model where items have enough events to fit wide vectors.
@@ -48,8 +48,7 @@ class TrainConfig(BaseModel):
     history: HistoryUse = Field(
         "all",
         description="Training rows per user: newest, the newest max_len + 1 items (as "
-        "SASRec); all, every item, the older ones in windows of max_len + 1; shifted, as "
-        "all, with the older windows' edges moved at random each epoch.",
+        "SASRec); all, every item, the older ones in windows of max_len + 1.",
     )
     event_types: Literal["off", "on"] = Field(
         "off",
@@ -67,16 +66,6 @@ class TrainConfig(BaseModel):
         description="mask: each position's softmax leaves out the items already in its "
         "input, as serving and evaluation rank only unseen items; keep: every item.",
     )
-    future: int = Field(
-        1,
-        ge=1,
-        le=16,
-        description="Items ahead each position learns to score (ce only): 1, the next "
-        "item; k, also the k - 1 after it, with weights future_weight ** (ahead - 1).",
-    )
-    future_weight: float = Field(
-        0.5, gt=0, le=1, description="Weight of the items after the next (future > 1)."
-    )
     full_softmax_items: int = Field(
         20_000, ge=1, description="Largest catalogue that loss auto trains with ce."
     )
@@ -84,11 +73,6 @@ class TrainConfig(BaseModel):
         1024, ge=1, description="Negatives per batch (shared by its positions) for sampled-ce."
     )
     epochs: int = Field(30, ge=1, description="Most epochs (early stopping ends sooner).")
-    batching: Literal["random", "by-length"] = Field(
-        "random",
-        description="random: rows drawn at random; by-length: each epoch's shuffled rows "
-        "sorted by length within runs of 64 batches, so a batch pads less.",
-    )
     batch_size: int = Field(32, ge=1, description="Training sequences per step.")
     lr: float = Field(1e-3, gt=0, description="AdamW learning rate.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
@@ -134,8 +118,6 @@ class TrainConfig(BaseModel):
     def _heads_divide_dim(self) -> "TrainConfig":
         if self.dim != "auto" and self.dim % self.heads:
             raise ValueError(f"dim ({self.dim}) must be a multiple of heads ({self.heads})")
-        if self.future > 1 and self.loss == "sampled-ce":
-            raise ValueError(f"future {self.future} needs the full softmax (loss ce)")
         return self
 
 

@@ -69,37 +69,8 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-SORT_RUN_BATCHES = 64
-
-
-def epoch_batches(
-    matrix: IntArray, batch_size: int, rng: np.random.Generator, by_length: bool = False
-) -> list[IntArray]:
-    """One epoch's batches of row indices: a random order, or with ``by_length`` a random
-    order whose runs of ``SORT_RUN_BATCHES`` batches are sorted by row length and cut
-    into batches taken in random order (rows of a batch pad to about the same length,
-    and the loss drops the columns that are padding in every row)."""
-    order = rng.permutation(len(matrix))
-    if by_length:
-        lengths = (matrix != 0).sum(axis=1)
-        run = batch_size * SORT_RUN_BATCHES
-        order = np.concatenate(
-            [
-                chunk[np.argsort(lengths[chunk], kind="stable")]
-                for chunk in np.split(order, range(run, len(order), run))
-            ]
-        )
-    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    if by_length:
-        batches = [batches[i] for i in rng.permutation(len(batches))]
-    return batches
-
-
 def training_matrix(
-    prefixes: Sequence[IntArray],
-    max_len: int,
-    history: HistoryUse = "newest",
-    rng: np.random.Generator | None = None,
+    prefixes: Sequence[IntArray], max_len: int, history: HistoryUse = "newest"
 ) -> IntArray:
     """Rows of ``max_len + 1`` items (left-padded); input = row[:-1], target = row[1:].
 
@@ -107,27 +78,18 @@ def training_matrix(
     also cuts the older items into windows of ``max_len + 1`` that overlap by one item,
     so that every transition of a long history is a target exactly once instead of
     being dropped (at ``max_len`` 100, MovieLens-1M's newest windows hold 45% of its
-    transitions). ``shifted`` cuts the same way after a first older window of a random
-    1 to ``max_len`` targets (drawn from ``rng`` per user): called once an epoch, each
-    older transition is still a target once, under another context and position.
-    Users with fewer than two items teach nothing and are left out.
+    transitions). Users with fewer than two items teach nothing and are left out.
     """
-    if history == "shifted" and rng is None:
-        raise ValueError("history 'shifted' needs an rng")
     rows: list[IntArray] = []
     for prefix in prefixes:
         if len(prefix) < 2:
             continue
-        end, targets = len(prefix), max_len  # the newest window, as serving reads it
+        end = len(prefix)
         while True:
-            rows.append(prefix[max(0, end - targets - 1) : end])
-            newest = end == len(prefix)
-            end -= targets
+            rows.append(prefix[max(0, end - max_len - 1) : end])
+            end -= max_len
             if history == "newest" or end < 2:
                 break
-            targets = max_len
-            if history == "shifted" and newest and rng is not None:
-                targets = int(rng.integers(1, max_len + 1))
     out = np.zeros((len(rows), max_len + 1), dtype=np.int64)
     for i, row in enumerate(rows):
         out[i, max_len + 1 - len(row) :] = row
@@ -194,20 +156,13 @@ def sequence_loss(
     sampler: NegativeSampler | None = None,
     *,
     mask_seen: bool = False,
-    future: int = 1,
-    future_weight: float = 0.5,
 ) -> torch.Tensor:
     """Next-item cross-entropy at every non-padded position of ``batch`` [B, L + 1]:
     over every item, or with ``sampler`` over the target and the sampler's negatives.
 
     With ``mask_seen`` a position's softmax leaves out the items already in its input
     (its target excepted): serving and evaluation rank only unseen items, so the model
-    spends nothing on pushing down what the user has had.
-
-    With ``future`` > 1 (full softmax only) the same softmax also scores the items
-    2 to ``future`` steps ahead in the row, the k-th ahead weighted ``future_weight **
-    (k - 1)`` (each term a mean over the positions that have such an item): the order
-    of what comes next is noisy, the set less so."""
+    spends nothing on pushing down what the user has had."""
     # Drop columns that are padding for the whole batch: exact (padding is masked), cheaper.
     first = int((batch != 0).any(dim=0).nonzero()[0])
     batch = batch[:, min(first, batch.size(1) - 2) :]
@@ -227,23 +182,7 @@ def sequence_loss(
             # once it is -inf, so the gradients are exact and no mask is kept for them.
             with torch.no_grad():
                 logits.index_put_((rows[other], items[other] - 1), logits.new_tensor(-torch.inf))
-        if future <= 1:
-            return F.cross_entropy(logits, target - 1)
-        # The next item and the ones after it (0: past the row), gathered at once: each
-        # gather's backward writes a dense [positions, items] gradient.
-        ahead = torch.stack(
-            [target]
-            + [model.targets(F.pad(targets[:, k:], (0, k)))[mask] for k in range(1, future)],
-            dim=1,
-        )
-        log_p = logits.log_softmax(dim=1).gather(1, (ahead - 1).clamp(min=0))
-        # An item ahead that is also in the input is masked (-inf): not a target.
-        valid = (ahead != 0) & torch.isfinite(log_p)
-        counts = valid.sum(dim=0).clamp(min=1)
-        weights = future_weight ** torch.arange(future, device=logits.device, dtype=logits.dtype)
-        per_step = -torch.where(valid, log_p, 0.0).sum(dim=0) / counts
-        loss: torch.Tensor = (weights * per_step).sum()
-        return loss
+        return F.cross_entropy(logits, target - 1)
     negatives = sampler.draw()
     pos_logits = (hidden * emb[target]).sum(dim=1, keepdim=True) - sampler.log_q[target, None]
     neg_logits = hidden @ emb[negatives].T - sampler.log_q[negatives]
@@ -293,8 +232,7 @@ def train_sasrec(
         model_test_inputs = [
             pack(seq, t[: len(seq)]) for seq, t in zip(test_inputs, data.types, strict=True)
         ]
-    generator = np.random.default_rng(cfg.seed)
-    matrix = training_matrix(model_prefixes, cfg.max_len, cfg.history, generator)
+    matrix = training_matrix(model_prefixes, cfg.max_len, cfg.history)
     if len(matrix) == 0:
         raise DataError("no user has enough interactions to train on (need at least 4 each)")
 
@@ -311,16 +249,13 @@ def train_sasrec(
     )
     model = SASRec.from_config(num_items, cfg).to(device)
     optimizer = optimizer_for(model, cfg)
-    total_steps = cfg.epochs * math.ceil(len(matrix) / cfg.batch_size)
+    steps_per_epoch = math.ceil(len(matrix) / cfg.batch_size)
     scheduler = (
-        # Cosine to 0 over the planned steps, then 0 (shifted windows vary the steps a bit).
-        torch.optim.lr_scheduler.LambdaLR(
-            optimizer,
-            lambda step: 0.5 * (1 + math.cos(math.pi * min(step / total_steps, 1.0))),
-        )
+        torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs * steps_per_epoch)
         if cfg.lr_schedule == "cosine"
         else None
     )
+    generator = np.random.default_rng(cfg.seed)
     # Each epoch's validation: every user, or a fixed sample of them on large logs (a
     # full ranking per user costs as much as several training steps).
     watched = np.arange(len(prefixes))
@@ -345,23 +280,16 @@ def train_sasrec(
     for epoch in epochs:
         epoch_start = time.perf_counter()
         model.train()
-        if cfg.history == "shifted" and epoch > 1:
-            matrix = training_matrix(model_prefixes, cfg.max_len, cfg.history, generator)
-        rows = epoch_batches(matrix, cfg.batch_size, generator, cfg.batching == "by-length")
-        total, steps, samples = 0.0, len(rows), 0
-        for idx in tqdm(
-            rows, desc=f"epoch {epoch}", disable=not progress, leave=False, unit="batch"
-        ):
+        order = generator.permutation(len(matrix))
+        total, steps, samples = 0.0, steps_per_epoch, 0
+        batches = tqdm(
+            range(steps), desc=f"epoch {epoch}", disable=not progress, leave=False, unit="batch"
+        )
+        for step in batches:
+            idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
             batch = torch.from_numpy(matrix[idx]).to(device)
             samples += int(((batch[:, 1:] != 0) & (batch[:, :-1] != 0)).sum())
-            loss = sequence_loss(
-                model,
-                batch,
-                sampler,
-                mask_seen=cfg.seen == "mask",
-                future=cfg.future,
-                future_weight=cfg.future_weight,
-            )
+            loss = sequence_loss(model, batch, sampler, mask_seen=cfg.seen == "mask")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()  # type: ignore[no-untyped-call]
             optimizer.step()

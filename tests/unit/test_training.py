@@ -15,7 +15,6 @@ from model.pipeline import evaluate_version, train_and_publish
 from model.sasrec import ByteDropout, SASRec
 from model.train import (
     NegativeSampler,
-    epoch_batches,
     seen_before,
     seen_pairs,
     sequence_loss,
@@ -75,52 +74,6 @@ def test_all_history_makes_every_transition_a_target_once(length: int) -> None:
     assert sorted(transitions) == [(i, i + 1) for i in range(1, length)]
     newest = training_matrix([prefix], max_len=4)
     assert len(newest) == 1 and (newest[0] == rows[0]).all()  # the newest window first
-
-
-@pytest.mark.parametrize("length", [2, 5, 6, 11, 13, 30])
-def test_shifted_history_moves_the_older_windows_and_keeps_every_transition_once(
-    length: int,
-) -> None:
-    prefix = np.arange(1, length + 1)
-    rng = np.random.default_rng(0)
-    cuts = set()
-    for _ in range(20):
-        rows = training_matrix([prefix], max_len=4, history="shifted", rng=rng)
-        pairs = [(int(a), int(b)) for row in rows for a, b in itertools.pairwise(row) if a and b]
-        assert sorted(pairs) == [(i, i + 1) for i in range(1, length)]
-        assert (rows[0] == training_matrix([prefix], max_len=4)[0]).all()  # newest as served
-        cuts.add(tuple(int(row[row != 0][0]) for row in rows))  # where each window starts
-    assert len(cuts) == (1 if length <= 6 else 4)  # windows move once there are older ones
-
-
-def test_batches_by_length_hold_every_row_once_and_pad_less() -> None:
-    rng = np.random.default_rng(0)
-    prefixes = [np.arange(1, int(n) + 1) for n in rng.integers(2, 60, size=3000)]
-    matrix = training_matrix(prefixes, max_len=50, history="all")
-    lengths = (matrix != 0).sum(axis=1)
-
-    def padded(batches: list[np.ndarray]) -> int:  # the positions a batch keeps
-        return sum(len(b) * int(lengths[b].max()) for b in batches)
-
-    plain = epoch_batches(matrix, 32, np.random.default_rng(1))
-    sorted_ = epoch_batches(matrix, 32, np.random.default_rng(1), by_length=True)
-    for batches in (plain, sorted_):
-        assert sorted(np.concatenate(batches).tolist()) == list(range(len(matrix)))
-        assert max(len(b) for b in batches) == 32
-    assert padded(sorted_) < 0.8 * padded(plain)
-    again = epoch_batches(matrix, 32, np.random.default_rng(2), by_length=True)
-    assert [b.tolist() for b in again] != [b.tolist() for b in sorted_]  # reshuffled
-
-
-def test_training_on_shifted_windows_by_length_learns_as_well() -> None:
-    # 30-item histories in windows of 8: shifted windows give rows of every length.
-    data = build_sequence_data(cyclic_sequences(users=60, length=30))
-    cfg = TINY.model_copy(update={"epochs": 3})
-    plain = train_sasrec(data, cfg, progress=False)
-    shifted = cfg.model_copy(update={"history": "shifted", "batching": "by-length"})
-    moved = train_sasrec(data, shifted, progress=False)
-    assert plain.valid["ndcg@10"] > 0.5
-    assert moved.valid["ndcg@10"] > plain.valid["ndcg@10"] - 0.05
 
 
 def test_training_on_all_history_learns_from_older_windows() -> None:
@@ -277,46 +230,6 @@ def test_masking_seen_items_leaves_them_out_of_each_positions_softmax() -> None:
     assert sampled.item() == pytest.approx(by_hand_sampled.item(), rel=1e-5)
 
 
-def test_future_items_are_scored_by_the_same_masked_softmax() -> None:
-    torch.manual_seed(0)
-    items = 12
-    model = SASRec(items, max_len=6, dim=8, blocks=1, dropout=0.0).eval()
-    batch = torch.tensor([[0, 0, 3, 5, 11, 7, 5], [2, 4, 6, 8, 10, 12, 1], [0, 0, 0, 0, 0, 1, 9]])
-    hidden = model(batch[:, :-1])
-    emb = model.item_embeddings()
-    terms: dict[int, list[torch.Tensor]] = {1: [], 2: [], 3: []}
-    for b in range(3):
-        for pos in range(6):
-            if batch[b, pos] == 0:
-                continue
-            had = set(batch[b, : pos + 1].tolist()) - {0}
-            logits = hidden[b, pos] @ emb[1:].T
-            for item in had:
-                if item != int(batch[b, pos + 1]):
-                    logits[item - 1] = -torch.inf
-            log_p = logits.log_softmax(dim=0)
-            for k in (1, 2, 3):
-                ahead = int(batch[b, pos + k]) if pos + k < 7 else 0
-                if ahead and (k == 1 or ahead not in had):
-                    terms[k].append(-log_p[ahead - 1])
-    # Row 0 has 5 again after its input held it: those two future terms are dropped.
-    assert [len(terms[k]) for k in (1, 2, 3)] == [4 + 6 + 1, 2 + 5, 1 + 4]
-    mean = {k: torch.stack(v).mean() for k, v in terms.items()}
-    next_only = sequence_loss(model, batch, mask_seen=True)
-    assert next_only.item() == pytest.approx(mean[1].item(), rel=1e-5)
-    two = sequence_loss(model, batch, mask_seen=True, future=2, future_weight=0.5)
-    assert two.item() == pytest.approx((mean[1] + 0.5 * mean[2]).item(), rel=1e-5)
-    three = sequence_loss(model, batch, mask_seen=True, future=3, future_weight=0.3)
-    want = mean[1] + 0.3 * mean[2] + 0.09 * mean[3]
-    assert three.item() == pytest.approx(want.item(), rel=1e-5)
-    params = [p for p in model.parameters() if p.requires_grad]
-    got = torch.autograd.grad(three, params, allow_unused=True)
-    expected = torch.autograd.grad(want, params, allow_unused=True)
-    for g, w in zip(got, expected, strict=True):
-        if w is not None:
-            assert g is not None and torch.allclose(g, w, atol=1e-6)
-
-
 def test_training_with_seen_items_kept_in_the_softmax_learns_too() -> None:
     assert TINY.seen == "mask"  # the default, which the other tests train with
     data = build_sequence_data(cyclic_sequences())
@@ -388,9 +301,3 @@ def test_train_and_publish_then_evaluate_the_published_version(tmp_path: Path) -
     assert evaluation.popularity["hr@10"] == pytest.approx(
         published.result.popularity_test["hr@10"]
     )
-
-
-def test_items_ahead_need_the_full_softmax() -> None:
-    with pytest.raises(ConfigError, match="future 3 needs the full softmax"):
-        TrainConfig(future=3).resolved(num_items=50_000, events=10**6)
-    assert TrainConfig(future=3).resolved(num_items=3_000, events=10**6).loss == "ce"

@@ -20,9 +20,7 @@ Variants (``--variants``, in this order by default):
 - ``foreach-adamw``: AdamW's multi-tensor implementation, as training ran before the
   fused one;
 - ``keep-seen``: each position's softmax over every item, the user's own earlier items
-  included, as training ran before ``seen`` mask;
-- ``by-length``: batches from ``batching`` by-length (rows of about one length, less
-  padding) instead of rows drawn at random.
+  included, as training ran before ``seen`` mask.
 """
 
 import json
@@ -43,13 +41,7 @@ from model.data import SequenceData, leave_one_out
 from model.errors import ConfigError
 from model.evaluate import evaluate_model
 from model.sasrec import ByteDropout, SASRec
-from model.train import (
-    NegativeSampler,
-    epoch_batches,
-    optimizer_for,
-    sequence_loss,
-    training_matrix,
-)
+from model.train import NegativeSampler, optimizer_for, sequence_loss, training_matrix
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +54,6 @@ VARIANTS = (
     "sampled",
     "foreach-adamw",
     "keep-seen",
-    "by-length",
 )
 
 
@@ -168,16 +159,10 @@ def run_training_speed(
     for runner in runners:  # warm-up: allocator, kernels' first calls
         for _ in range(2):
             runner.step(torch.from_numpy(matrix[rng.integers(0, len(matrix), cfg.batch_size)]))
-    by_length: list[np.ndarray] = []  # batches of the by-length variant, drawn in turn
     for round_ in range(rounds):
         for runner in runners:
             for _ in range(steps):
-                if runner.speed.name == "by-length":
-                    if not by_length:
-                        by_length = epoch_batches(matrix, cfg.batch_size, rng, by_length=True)
-                    rows = matrix[by_length.pop()]
-                else:
-                    rows = matrix[rng.integers(0, len(matrix), runner.speed.batch_size)]
+                rows = matrix[rng.integers(0, len(matrix), runner.speed.batch_size)]
                 batch = torch.from_numpy(rows).to(device)
                 started = time.perf_counter()
                 runner.step(batch)
