@@ -258,7 +258,14 @@ class BatchConsumer(mode.Service):
                 timeout_ms=max(worker.batch_max_wait_ms, 1), max_records=worker.batch_size
             )
             async with self.in_flight:
-                if self.consumer is None or self._publish_failed is not None:
+                if self.consumer is None:
+                    return
+                if self._publish_failed is not None:
+                    # Seen by a rebalance's commit, or by the commit that crashed already:
+                    # stop (a restart reads the uncommitted batches again), process nothing.
+                    if not self.crashed:
+                        logger.error("publishing failed; stopping without committing")
+                        await self.crash(self._publish_failed)
                     return
                 if fetched:
                     await self._handle(fetched)
@@ -285,8 +292,11 @@ class BatchConsumer(mode.Service):
         topics = self.settings.topics
         # Acknowledgements are awaited before the next commit, not here: the next batch
         # is processed while the broker replicates this one's outputs.
-        self._unacked += await self._send(topics.dead_letter, output.dead_letters)
-        self._unacked += await self._send(topics.recommendations, output.recommendations)
+        # Appended after the awaits: `self._unacked += await ...` would read the list
+        # before a commit that ran meanwhile swapped it, and put it back.
+        letters = await self._send(topics.dead_letter, output.dead_letters)
+        recommendations = await self._send(topics.recommendations, output.recommendations)
+        self._unacked += letters + recommendations
         done = {tp: messages[-1].offset + 1 for tp, messages in fetched.items()}
         self._to_commit.update(done)
         self._next_offset.update(done)
