@@ -229,24 +229,32 @@ def test_a_batch_that_raises_stops_the_worker_without_committing_and_a_restart_l
     assert report.commits_checked == 1
 
 
-def test_a_send_the_broker_refuses_stops_the_worker_without_committing(
-    broker: KafkaCluster, tiny: TinyModel, pg_schema_url: str, tmp_path: Path
+def _refused_sends(
+    broker: KafkaCluster,
+    tiny: TinyModel,
+    pg_schema_url: str,
+    tmp_path: Path,
+    name: str,
+    *,
+    hostile_after: bool,
 ) -> None:
     """The recommendations topic's max.message.bytes drops below a recommendation's
-    size mid-stream: the broker refuses the worker's sends (not retriable). Documented
-    outcome: the worker exits non-zero without committing the batches of the refused
-    outputs; once the limit is back, a restart publishes them and nothing is lost."""
+    size mid-stream (with ``hostile_after``, only hostile records follow); the worker
+    must exit non-zero with no committed offset ahead of its outputs, and once the limit
+    is back a restart publishes everything."""
     run_migrations(pg_schema_url)
     with Chaos(
         bootstrap=broker.bootstrap_servers, db_url=pg_schema_url, model=tiny,
-        workdir=tmp_path, name="refused",
+        workdir=tmp_path, name=name,
     ) as chaos:  # fmt: skip
         chaos.start_worker("w1")
-        chaos.start_load(users=200, rate=150, bad_every=40)
+        load = chaos.start_load(users=200, rate=150, bad_every=40)
         time.sleep(2.0)
         targets = chaos.fault_point()
         recs = chaos.topics["recommendations"]
         topic_config(broker.bootstrap_servers, recs, {"max.message.bytes": "64"})
+        if hostile_after:
+            load.hostile_only()
         code = _wait_exit(chaos, "w1")
         chaos.check_commits()
         topic_config(broker.bootstrap_servers, recs, {"max.message.bytes": "1048588"})
@@ -258,6 +266,15 @@ def test_a_send_the_broker_refuses_stops_the_worker_without_committing(
     assert code != 0
     assert "publishing failed; stopping without committing" in log
     assert_clean(report)
+
+
+def test_a_send_the_broker_refuses_stops_the_worker_without_committing(
+    broker: KafkaCluster, tiny: TinyModel, pg_schema_url: str, tmp_path: Path
+) -> None:
+    """The broker refuses the worker's sends (not retriable). Documented outcome: the
+    worker exits non-zero without committing the batches of the refused outputs; once
+    the limit is back, a restart publishes them and nothing is lost."""
+    _refused_sends(broker, tiny, pg_schema_url, tmp_path, "refused", hostile_after=False)
 
 
 def test_dead_letters_acknowledged_after_a_refused_send_do_not_carry_a_commit_past_it(
@@ -267,29 +284,7 @@ def test_dead_letters_acknowledged_after_a_refused_send_do_not_carry_a_commit_pa
     refused one publish dead letters, which the broker accepts. Documented outcome: no
     commit after a refused send (a commit of those batches' offsets would skip the
     refused recommendations for good); the restart publishes them."""
-    run_migrations(pg_schema_url)
-    with Chaos(
-        bootstrap=broker.bootstrap_servers, db_url=pg_schema_url, model=tiny,
-        workdir=tmp_path, name="refusedbad",
-    ) as chaos:  # fmt: skip
-        chaos.start_worker("w1")
-        load = chaos.start_load(users=200, rate=150, bad_every=40)
-        time.sleep(2.0)
-        targets = chaos.fault_point()
-        recs = chaos.topics["recommendations"]
-        topic_config(broker.bootstrap_servers, recs, {"max.message.bytes": "64"})
-        load.hostile_only()
-        code = _wait_exit(chaos, "w1")
-        chaos.check_commits()
-        topic_config(broker.bootstrap_servers, recs, {"max.message.bytes": "1048588"})
-        since = time.monotonic()
-        chaos.start_worker("w1")
-        chaos.recovered(targets, since)
-        log = chaos.workers["w1"].log()
-        report = chaos.finish()
-    assert code != 0
-    assert "publishing failed; stopping without committing" in log
-    assert_clean(report)
+    _refused_sends(broker, tiny, pg_schema_url, tmp_path, "refusedbad", hostile_after=True)
 
 
 def test_a_failed_commit_is_logged_and_covered_by_the_stored_offsets(
