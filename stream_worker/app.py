@@ -261,11 +261,9 @@ class BatchConsumer(mode.Service):
                 if self.consumer is None:
                     return
                 if self._publish_failed is not None:
-                    # Seen by a rebalance's commit, or by the commit that crashed already:
-                    # stop (a restart reads the uncommitted batches again), process nothing.
-                    if not self.crashed:
-                        logger.error("publishing failed; stopping without committing")
-                        await self.crash(self._publish_failed)
+                    # Seen by a rebalance's commit (or the background commit, which has
+                    # crashed already): process nothing more.
+                    await self._stop_after_refused_send()
                     return
                 if fetched:
                     await self._handle(fetched)
@@ -314,9 +312,22 @@ class BatchConsumer(mode.Service):
     async def _commit_or_crash(self, consumer: aiokafka.AIOKafkaConsumer) -> None:
         try:
             await self._flush_and_commit(consumer)
-        except Exception as exc:  # a send the broker refused: stop without committing
-            logger.exception("publishing failed; stopping without committing")
-            await self.crash(exc)
+        except Exception as exc:
+            if self._publish_failed is None:
+                self._publish_failed = exc
+            await self._stop_after_refused_send()
+
+    async def _stop_after_refused_send(self) -> None:
+        """The one reaction to a refused send, whichever commit saw it: log it and crash,
+        once, committing nothing (the restart reads the uncommitted batches again;
+        ``on_stop`` skips its commit but closes the clients)."""
+        if self.crashed:
+            return
+        logger.error(
+            "publishing failed; stopping without committing", exc_info=self._publish_failed
+        )
+        assert self._publish_failed is not None
+        await self.crash(self._publish_failed)
 
     async def commit_now(self, consumer: aiokafka.AIOKafkaConsumer) -> None:
         """Commit now (rebalance, stop), after any commit under way: commits stay in order."""

@@ -264,7 +264,8 @@ def _refused_sends(
         log = chaos.workers["w1"].log()
         report = chaos.finish()
     assert code != 0
-    assert "publishing failed; stopping without committing" in log
+    # One reaction, whichever commit saw the refusal first.
+    assert log.count("publishing failed; stopping without committing") == 1, log
     assert_clean(report)
 
 
