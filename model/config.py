@@ -85,6 +85,12 @@ class TrainConfig(BaseModel):
     lr_schedule: Literal["constant", "cosine"] = Field(
         "cosine", description="cosine decays lr to 0 over `epochs` (anneals the last steps)."
     )
+    warmup_steps: int = Field(
+        0,
+        ge=0,
+        description="Steps over which lr rises linearly to its value before the schedule "
+        "(0: none); without it a deep model can stay stuck at popularity for epochs.",
+    )
     patience: int = Field(
         10, ge=1, description="Epochs without a better validation NDCG@10 before stopping."
     )

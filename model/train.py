@@ -241,6 +241,28 @@ def optimizer_for(model: SASRec, cfg: TrainConfig) -> torch.optim.AdamW:
     )
 
 
+def lr_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int
+) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """The learning rate's schedule over ``total_steps`` steps, stepped once a step: a
+    linear warm-up over ``warmup_steps`` (from 1/``warmup_steps`` of the rate), times a
+    cosine decay to 0 over every step where ``lr_schedule`` is cosine. None: constant."""
+    schedules: list[torch.optim.lr_scheduler.LRScheduler] = []
+    if cfg.warmup_steps > 0:
+        schedules.append(
+            torch.optim.lr_scheduler.LinearLR(
+                optimizer, 1 / cfg.warmup_steps, 1.0, total_iters=cfg.warmup_steps
+            )
+        )
+    if cfg.lr_schedule == "cosine":
+        schedules.append(torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total_steps))
+    if not schedules:
+        return None
+    if len(schedules) == 1:
+        return schedules[0]
+    return torch.optim.lr_scheduler.ChainedScheduler(schedules, optimizer)
+
+
 def train_sasrec(
     data: SequenceData,
     cfg: TrainConfig,
@@ -285,11 +307,7 @@ def train_sasrec(
     optimizer = optimizer_for(model, cfg)
     steps_per_epoch = math.ceil(len(matrix) / cfg.batch_size)
     targets_per_batch = target_count(matrix) / steps_per_epoch
-    scheduler = (
-        torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs * steps_per_epoch)
-        if cfg.lr_schedule == "cosine"
-        else None
-    )
+    scheduler = lr_scheduler(optimizer, cfg, cfg.epochs * steps_per_epoch)
     generator = np.random.default_rng(cfg.seed)
     # Each epoch's validation: every user, or a fixed sample of them on large logs (a
     # full ranking per user costs as much as several training steps).

@@ -16,6 +16,7 @@ from model.sasrec import ByteDropout, SASRec
 from model.train import (
     NegativeSampler,
     epoch_batches,
+    lr_scheduler,
     seen_before,
     seen_pairs,
     sequence_loss,
@@ -113,6 +114,29 @@ def test_training_in_batches_by_length_learns_and_counts_every_target() -> None:
     targets = sum(max(len(seq) - 3, 0) for seq in data.sequences)
     for epoch in result.history:
         assert epoch.samples_per_s * epoch.seconds == pytest.approx(targets, rel=0.01)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "constant"])
+def test_warm_up_raises_the_rate_linearly_then_the_schedule_takes_over(schedule: str) -> None:
+    cfg = TrainConfig(lr=1e-3, warmup_steps=10, lr_schedule=schedule)
+    optimizer = torch.optim.AdamW(torch.nn.Linear(2, 2).parameters(), lr=cfg.lr)
+    scheduler = lr_scheduler(optimizer, cfg, total_steps=100)
+    assert scheduler is not None
+    rates = []
+    for _ in range(100):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    decay = [
+        0.5 * (1 + np.cos(np.pi * step / 100)) if schedule == "cosine" else 1.0
+        for step in range(100)
+    ]
+    assert rates[0] == pytest.approx(1e-4 * decay[0])
+    assert np.diff(rates[:10]).min() > 0  # rising through the warm-up
+    for step in range(10, 100):
+        assert rates[step] == pytest.approx(1e-3 * decay[step], rel=1e-6)
+    no_warm_up = TrainConfig(lr_schedule="constant")
+    assert lr_scheduler(optimizer, no_warm_up, total_steps=100) is None
 
 
 def test_training_on_all_history_learns_from_older_windows() -> None:
