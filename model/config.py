@@ -74,12 +74,6 @@ class TrainConfig(BaseModel):
     )
     epochs: int = Field(30, ge=1, description="Most epochs (early stopping ends sooner).")
     batch_size: int = Field(32, ge=1, description="Training sequences per step.")
-    batching: Literal["random", "by-length"] = Field(
-        "random",
-        description="random: each batch's rows drawn at random; by-length: rows of about "
-        "one length batched together (less padding to compute), each batch's loss "
-        "weighted by its targets so that every target counts as in random batches.",
-    )
     lr: float = Field(1e-3, gt=0, description="AdamW learning rate.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     lr_schedule: Literal["constant", "cosine"] = Field(

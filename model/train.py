@@ -69,40 +69,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-# by-length batching sorts the shuffled rows within runs of this many batches: enough to
-# group rows of one length (MovieLens-1M: 0.77 of the positions of random batches, where
-# sorting the whole epoch gives 0.76), few enough that a run still mixes the users.
-SORT_RUN_BATCHES = 32
-
-
-def epoch_batches(
-    matrix: IntArray, batch_size: int, rng: np.random.Generator, by_length: bool = False
-) -> list[IntArray]:
-    """One epoch's batches of row indices of ``matrix``: a random order cut into batches,
-    or with ``by_length`` a random order whose runs of ``SORT_RUN_BATCHES`` batches are
-    each sorted by row length, cut into batches and taken in random order. A batch's
-    rows then pad to about one length, and the loss drops the columns that are padding
-    in every row of it."""
-    order = rng.permutation(len(matrix))
-    if not by_length:
-        return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    lengths = (matrix != 0).sum(axis=1)
-    run = batch_size * SORT_RUN_BATCHES
-    order = np.concatenate(
-        [
-            chunk[np.argsort(lengths[chunk], kind="stable")]
-            for chunk in np.split(order, range(run, len(order), run))
-        ]
-    )
-    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    return [batches[i] for i in rng.permutation(len(batches))]
-
-
-def target_count(rows: IntArray) -> int:
-    """Next-item targets in training rows: positions with an item and one before it."""
-    return int(((rows[:, 1:] != 0) & (rows[:, :-1] != 0)).sum())
-
-
 def training_matrix(
     prefixes: Sequence[IntArray], max_len: int, history: HistoryUse = "newest"
 ) -> IntArray:
@@ -306,7 +272,6 @@ def train_sasrec(
     model = SASRec.from_config(num_items, cfg).to(device)
     optimizer = optimizer_for(model, cfg)
     steps_per_epoch = math.ceil(len(matrix) / cfg.batch_size)
-    targets_per_batch = target_count(matrix) / steps_per_epoch
     scheduler = lr_scheduler(optimizer, cfg, cfg.epochs * steps_per_epoch)
     generator = np.random.default_rng(cfg.seed)
     # Each epoch's validation: every user, or a fixed sample of them on large logs (a
@@ -333,21 +298,16 @@ def train_sasrec(
     for epoch in epochs:
         epoch_start = time.perf_counter()
         model.train()
-        batches = epoch_batches(matrix, cfg.batch_size, generator, cfg.batching == "by-length")
+        order = generator.permutation(len(matrix))
         total, steps, samples = 0.0, steps_per_epoch, 0
-        for idx in tqdm(
-            batches, desc=f"epoch {epoch}", disable=not progress, leave=False, unit="batch"
-        ):
-            rows = matrix[idx]
-            targets = target_count(rows)
-            samples += targets
-            loss = sequence_loss(
-                model, torch.from_numpy(rows).to(device), sampler, mask_seen=cfg.seen == "mask"
-            )
-            if cfg.batching == "by-length":
-                # A batch of short rows has few targets: weigh its mean loss by them, so
-                # that each target counts as much as in a random batch.
-                loss = loss * (targets / targets_per_batch)
+        batches = tqdm(
+            range(steps), desc=f"epoch {epoch}", disable=not progress, leave=False, unit="batch"
+        )
+        for step in batches:
+            idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
+            batch = torch.from_numpy(matrix[idx]).to(device)
+            samples += int(((batch[:, 1:] != 0) & (batch[:, :-1] != 0)).sum())
+            loss = sequence_loss(model, batch, sampler, mask_seen=cfg.seen == "mask")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()  # type: ignore[no-untyped-call]
             optimizer.step()

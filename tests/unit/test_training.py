@@ -15,7 +15,6 @@ from model.pipeline import evaluate_version, train_and_publish
 from model.sasrec import ByteDropout, SASRec
 from model.train import (
     NegativeSampler,
-    epoch_batches,
     lr_scheduler,
     seen_before,
     seen_pairs,
@@ -76,44 +75,6 @@ def test_all_history_makes_every_transition_a_target_once(length: int) -> None:
     assert sorted(transitions) == [(i, i + 1) for i in range(1, length)]
     newest = training_matrix([prefix], max_len=4)
     assert len(newest) == 1 and (newest[0] == rows[0]).all()  # the newest window first
-
-
-def uneven_sequences(users: int = 120, items: int = 30) -> dict[str, list[str]]:
-    """Walks as :func:`cyclic_sequences`, each of its own length (4 to 20 items)."""
-    rng = np.random.default_rng(1)
-    walks = cyclic_sequences(users=users, items=items, length=20)
-    return {user: walk[: int(rng.integers(4, 21))] for user, walk in walks.items()}
-
-
-def padded_positions(matrix: np.ndarray, batches: list[np.ndarray]) -> int:
-    """Positions the model computes: each batch pads to its longest row."""
-    lengths = (matrix != 0).sum(axis=1)
-    return sum(len(b) * int(lengths[b].max()) for b in batches)
-
-
-def test_batches_by_length_hold_every_row_once_and_pad_less() -> None:
-    data = build_sequence_data(uneven_sequences(users=2000))
-    matrix = training_matrix([seq[:-2] for seq in data.sequences], max_len=8, history="all")
-    rng = np.random.default_rng(0)
-    random = epoch_batches(matrix, 16, rng)
-    by_length = epoch_batches(matrix, 16, rng, by_length=True)
-    for batches in (random, by_length):
-        assert sorted(np.concatenate(batches).tolist()) == list(range(len(matrix)))
-        assert sorted(len(b) for b in batches)[1:] == [16] * (len(batches) - 1)
-    assert padded_positions(matrix, by_length) < 0.9 * padded_positions(matrix, random)
-    # The batch order is shuffled too: short batches are not all at one end.
-    longest = [int((matrix[b] != 0).sum(axis=1).max()) for b in by_length]
-    assert longest != sorted(longest) and longest != sorted(longest, reverse=True)
-
-
-def test_training_in_batches_by_length_learns_and_counts_every_target() -> None:
-    data = build_sequence_data(uneven_sequences())
-    cfg = TINY.model_copy(update={"batching": "by-length"})
-    result = train_sasrec(data, cfg, progress=False)
-    assert result.test["hr@10"] > 0.9
-    targets = sum(max(len(seq) - 3, 0) for seq in data.sequences)
-    for epoch in result.history:
-        assert epoch.samples_per_s * epoch.seconds == pytest.approx(targets, rel=0.01)
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "constant"])

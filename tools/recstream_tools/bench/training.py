@@ -20,10 +20,7 @@ Variants (``--variants``, in this order by default):
 - ``foreach-adamw``: AdamW's multi-tensor implementation, as training ran before the
   fused one;
 - ``keep-seen``: each position's softmax over every item, the user's own earlier items
-  included, as training ran before ``seen`` mask;
-- ``by-length``: batches of rows of about one length (``batching`` by-length), drawn
-  from an epoch's batches in turn instead of as random rows; its targets/s counts the
-  padding it no longer computes.
+  included, as training ran before ``seen`` mask.
 """
 
 import json
@@ -44,15 +41,7 @@ from model.data import SequenceData, leave_one_out
 from model.errors import ConfigError
 from model.evaluate import evaluate_model
 from model.sasrec import ByteDropout, SASRec
-from model.sequences import IntArray
-from model.train import (
-    NegativeSampler,
-    epoch_batches,
-    optimizer_for,
-    sequence_loss,
-    target_count,
-    training_matrix,
-)
+from model.train import NegativeSampler, optimizer_for, sequence_loss, training_matrix
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +54,6 @@ VARIANTS = (
     "sampled",
     "foreach-adamw",
     "keep-seen",
-    "by-length",
 )
 
 
@@ -104,11 +92,10 @@ class _Runner:
     speed: VariantSpeed
     model: SASRec
     step: Callable[[Tensor], None]
-    rows: Callable[[], IntArray]  # the next batch's training rows
 
 
 def _runner(
-    name: str, cfg: TrainConfig, num_items: int, matrix: IntArray, device: torch.device
+    name: str, cfg: TrainConfig, num_items: int, matrix: np.ndarray, device: torch.device
 ) -> _Runner:
     torch.manual_seed(cfg.seed)
     batch_size = int(name.split("-")[1]) if name.startswith("batch-") else cfg.batch_size
@@ -146,20 +133,7 @@ def _runner(
         loss.backward()  # type: ignore[no-untyped-call]
         optimizer.step()
 
-    rng = np.random.default_rng(cfg.seed)
-    if name == "by-length":
-        queue: list[IntArray] = []
-
-        def rows() -> IntArray:
-            if not queue:
-                queue.extend(reversed(epoch_batches(matrix, batch_size, rng, by_length=True)))
-            return matrix[queue.pop()]
-    else:
-
-        def rows() -> IntArray:
-            return matrix[rng.integers(0, len(matrix), batch_size)]
-
-    return _Runner(VariantSpeed(name, batch_size), model, step, rows)
+    return _Runner(VariantSpeed(name, batch_size), model, step)
 
 
 def run_training_speed(
@@ -179,20 +153,21 @@ def run_training_speed(
     cfg = cfg.resolved(num_items, sum(len(seq) for seq in data.sequences))
     prefixes, valid_targets, _ = leave_one_out(data)
     matrix = training_matrix(prefixes, cfg.max_len, cfg.history)
-    per_epoch = target_count(matrix)
+    per_epoch = int(((matrix[:, 1:] != 0) & (matrix[:, :-1] != 0)).sum())
     runners = [_runner(v, cfg, num_items, matrix, device) for v in variants]
+    rng = np.random.default_rng(cfg.seed)
     for runner in runners:  # warm-up: allocator, kernels' first calls
         for _ in range(2):
-            runner.step(torch.from_numpy(runner.rows()))
+            runner.step(torch.from_numpy(matrix[rng.integers(0, len(matrix), cfg.batch_size)]))
     for round_ in range(rounds):
         for runner in runners:
             for _ in range(steps):
-                rows = runner.rows()
+                rows = matrix[rng.integers(0, len(matrix), runner.speed.batch_size)]
                 batch = torch.from_numpy(rows).to(device)
                 started = time.perf_counter()
                 runner.step(batch)
                 runner.speed.step_ms.append((time.perf_counter() - started) * 1000)
-                runner.speed.targets += target_count(rows)
+                runner.speed.targets += int(((rows[:, 1:] != 0) & (rows[:, :-1] != 0)).sum())
         logger.info("round %d of %d done", round_ + 1, rounds)
     model = runners[0].model.eval()
     started = time.perf_counter()
