@@ -207,6 +207,24 @@ def optimizer_for(model: SASRec, cfg: TrainConfig) -> torch.optim.AdamW:
     )
 
 
+def train_step(
+    model: SASRec,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+    batch: Tensor,
+    sampler: NegativeSampler | None,
+    mask_seen: bool,
+) -> float:
+    """One optimiser step on ``batch`` (:func:`sequence_loss`); its loss."""
+    loss = sequence_loss(model, batch, sampler, mask_seen=mask_seen)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()  # type: ignore[no-untyped-call]
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    return float(loss.detach())
+
+
 def lr_scheduler(
     optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int
 ) -> torch.optim.lr_scheduler.LRScheduler | None:
@@ -307,13 +325,7 @@ def train_sasrec(
             idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
             batch = torch.from_numpy(matrix[idx]).to(device)
             samples += int(((batch[:, 1:] != 0) & (batch[:, :-1] != 0)).sum())
-            loss = sequence_loss(model, batch, sampler, mask_seen=cfg.seen == "mask")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()  # type: ignore[no-untyped-call]
-            optimizer.step()
-            if scheduler is not None:
-                scheduler.step()
-            total += float(loss.detach())
+            total += train_step(model, optimizer, scheduler, batch, sampler, cfg.seen == "mask")
         trained_s = time.perf_counter() - epoch_start
         stats = EpochStats(epoch, total / max(steps, 1), trained_s)
         stats.samples_per_s = round(samples / max(trained_s, 1e-9), 1)

@@ -7,7 +7,7 @@ uniform guess is ln 3416 = 8.14) and only then what the sequence says. A model t
 stays on that plateau for epochs ranks like popularity, and its validation NDCG@10 says
 so only after a whole epoch. Each variant is a ``TRAIN`` setting (or several, joined by
 ``+``) over the ``RECSTREAM_TRAIN__*`` configuration; all take the same batches, in the
-same order, from the same seed.
+same order, from the same seed. Event types are not read.
 
     .venv/bin/python scripts/plateau_probe.py ../shared/data/ml-1m/ml-1m_sasrec_reconstructed.txt \\
         --variants blocks=3 blocks=3+warmup_steps=200 blocks=4 blocks=4+warmup_steps=200
@@ -19,24 +19,35 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from pydantic import ValidationError
 
 from model.config import TrainConfig
 from model.data import build_sequence_data, leave_one_out, load_interactions
 from model.sasrec import SASRec
 from model.train import (
+    NegativeSampler,
     lr_scheduler,
     optimizer_for,
     seed_everything,
-    sequence_loss,
+    train_step,
     training_matrix,
 )
 from stream_worker.settings import Settings
 
 
 def variant(base: TrainConfig, spec: str) -> TrainConfig:
-    """``base`` with the settings of ``spec`` (``name=value+name=value``)."""
-    update = dict(part.split("=", 1) for part in spec.split("+"))
-    return TrainConfig.model_validate(base.model_dump() | update)
+    """``base`` with the settings of ``spec`` (``name=value+name=value``); a bad one
+    ends the script with one line."""
+    parts = [part.split("=", 1) for part in spec.split("+")]
+    update = {part[0]: part[1] for part in parts if len(part) == 2}
+    unknown = [p[0] for p in parts if len(p) != 2 or p[0] not in TrainConfig.model_fields]
+    if unknown:
+        raise SystemExit(f"error: {spec!r}: {unknown[0]!r} is not a training setting (name=value)")
+    try:
+        return TrainConfig.model_validate(base.model_dump() | update)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise SystemExit(f"error: {spec!r}: {first['loc'][0]}: {first['msg']}") from None
 
 
 def probe(
@@ -48,18 +59,18 @@ def probe(
     optimizer = optimizer_for(model, cfg)
     steps_per_epoch = -(-len(matrix) // cfg.batch_size)
     scheduler = lr_scheduler(optimizer, cfg, cfg.epochs * steps_per_epoch)
+    sampler = (
+        NegativeSampler.for_matrix(matrix, num_items, cfg.negatives, torch.device("cpu"))
+        if cfg.loss == "sampled-ce"
+        else None
+    )
     model.train()
     losses, window, targets, started = [], 0.0, 0, time.perf_counter()
     for step in range(total):
         rows = matrix[order[step * cfg.batch_size : (step + 1) * cfg.batch_size]]
         targets += int(((rows[:, 1:] != 0) & (rows[:, :-1] != 0)).sum())
-        loss = sequence_loss(model, torch.from_numpy(rows), mask_seen=cfg.seen == "mask")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()  # type: ignore[no-untyped-call]
-        optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
-        window += float(loss.detach())
+        batch = torch.from_numpy(rows)
+        window += train_step(model, optimizer, scheduler, batch, sampler, cfg.seen == "mask")
         if (step + 1) % every == 0:
             losses.append(window / every)
             window = 0.0
@@ -75,13 +86,14 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=100, help="steps per reported mean")
     args = parser.parse_args()
     base = Settings().train
+    configs = [variant(base, spec) for spec in args.variants]  # bad ones end it here
     data = build_sequence_data(load_interactions(args.data).sequences())
     num_items = data.num_items()
     prefixes, _, _ = leave_one_out(data)
     events = sum(len(seq) for seq in data.sequences)
     rows: list[str] = []
-    for spec in args.variants:
-        cfg = variant(base, spec).resolved(num_items, events)
+    for spec, chosen in zip(args.variants, configs, strict=True):
+        cfg = chosen.resolved(num_items, events)
         torch.set_num_threads(cfg.threads or torch.get_num_threads())
         matrix = training_matrix(prefixes, cfg.max_len, cfg.history)
         rng = np.random.default_rng(cfg.seed)

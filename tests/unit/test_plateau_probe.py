@@ -34,3 +34,13 @@ def test_each_variant_trains_with_its_own_settings(tmp_path: Path) -> None:
     assert learning[-1] < still[-1] - 0.5  # a rate of 0.01 learns the walks
     assert abs(still[-1] - still[0]) < 0.01  # a rate of 1e-9 does not move
     assert warming[0] > learning[0]  # the warm-up's first steps are smaller
+
+
+def test_a_bad_variant_is_one_readable_line(tmp_path: Path) -> None:
+    for spec, says in [("blockz=3", "'blockz' is not a training setting"), ("blocks=x", "blocks")]:
+        run = subprocess.run(
+            [sys.executable, str(SCRIPT), str(tmp_path / "absent.tsv"), "--variants", spec],
+            capture_output=True, text=True,
+        )  # fmt: skip
+        assert run.returncode != 0
+        assert run.stderr.count("\n") == 1 and says in run.stderr, run.stderr
