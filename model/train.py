@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -96,6 +97,13 @@ def training_matrix(
     return out
 
 
+def target_mask(rows: IntArray) -> npt.NDArray[np.bool_]:
+    """Which positions of training rows (:func:`training_matrix`) past the first are
+    next-item targets: an item with one before it."""
+    mask: npt.NDArray[np.bool_] = (rows[:, 1:] != 0) & (rows[:, :-1] != 0)
+    return mask
+
+
 class NegativeSampler:
     """Negatives for the sampled softmax, drawn with replacement in proportion to how
     often each item is a training target (plus one, so that every item can be drawn),
@@ -120,7 +128,7 @@ class NegativeSampler:
         cls, matrix: IntArray, num_items: int, negatives: int, device: torch.device
     ) -> "NegativeSampler":
         """From the targets of a :func:`training_matrix`."""
-        targets = matrix[:, 1:][(matrix[:, 1:] != 0) & (matrix[:, :-1] != 0)]
+        targets = matrix[:, 1:][target_mask(matrix)]
         return cls(np.bincount(targets, minlength=num_items + 1), negatives, device)
 
     def draw(self) -> torch.Tensor:
@@ -322,9 +330,9 @@ def train_sasrec(
             range(steps), desc=f"epoch {epoch}", disable=not progress, leave=False, unit="batch"
         )
         for step in batches:
-            idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
-            batch = torch.from_numpy(matrix[idx]).to(device)
-            samples += int(((batch[:, 1:] != 0) & (batch[:, :-1] != 0)).sum())
+            rows = matrix[order[step * cfg.batch_size : (step + 1) * cfg.batch_size]]
+            samples += int(target_mask(rows).sum())
+            batch = torch.from_numpy(rows).to(device)
             total += train_step(model, optimizer, scheduler, batch, sampler, cfg.seen == "mask")
         trained_s = time.perf_counter() - epoch_start
         stats = EpochStats(epoch, total / max(steps, 1), trained_s)

@@ -29,6 +29,7 @@ from model.train import (
     lr_scheduler,
     optimizer_for,
     seed_everything,
+    target_mask,
     train_step,
     training_matrix,
 )
@@ -68,7 +69,7 @@ def probe(
     losses, window, targets, started = [], 0.0, 0, time.perf_counter()
     for step in range(total):
         rows = matrix[order[step * cfg.batch_size : (step + 1) * cfg.batch_size]]
-        targets += int(((rows[:, 1:] != 0) & (rows[:, :-1] != 0)).sum())
+        targets += int(target_mask(rows).sum())
         batch = torch.from_numpy(rows)
         window += train_step(model, optimizer, scheduler, batch, sampler, cfg.seen == "mask")
         if (step + 1) % every == 0:
@@ -94,7 +95,8 @@ def main() -> None:
     rows: list[str] = []
     for spec, chosen in zip(args.variants, configs, strict=True):
         cfg = chosen.resolved(num_items, events)
-        torch.set_num_threads(cfg.threads or torch.get_num_threads())
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
         matrix = training_matrix(prefixes, cfg.max_len, cfg.history)
         rng = np.random.default_rng(cfg.seed)
         epochs = -(-args.steps * cfg.batch_size // len(matrix))  # an epoch a permutation

@@ -41,7 +41,13 @@ from model.data import SequenceData, leave_one_out
 from model.errors import ConfigError
 from model.evaluate import evaluate_model
 from model.sasrec import ByteDropout, SASRec
-from model.train import NegativeSampler, optimizer_for, sequence_loss, training_matrix
+from model.train import (
+    NegativeSampler,
+    optimizer_for,
+    sequence_loss,
+    target_mask,
+    training_matrix,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -153,7 +159,7 @@ def run_training_speed(
     cfg = cfg.resolved(num_items, sum(len(seq) for seq in data.sequences))
     prefixes, valid_targets, _ = leave_one_out(data)
     matrix = training_matrix(prefixes, cfg.max_len, cfg.history)
-    per_epoch = int(((matrix[:, 1:] != 0) & (matrix[:, :-1] != 0)).sum())
+    per_epoch = int(target_mask(matrix).sum())
     runners = [_runner(v, cfg, num_items, matrix, device) for v in variants]
     rng = np.random.default_rng(cfg.seed)
     for runner in runners:  # warm-up: allocator, kernels' first calls
@@ -167,7 +173,7 @@ def run_training_speed(
                 started = time.perf_counter()
                 runner.step(batch)
                 runner.speed.step_ms.append((time.perf_counter() - started) * 1000)
-                runner.speed.targets += int(((rows[:, 1:] != 0) & (rows[:, :-1] != 0)).sum())
+                runner.speed.targets += int(target_mask(rows).sum())
         logger.info("round %d of %d done", round_ + 1, rounds)
     model = runners[0].model.eval()
     started = time.perf_counter()
