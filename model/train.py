@@ -136,6 +136,17 @@ class NegativeSampler:
         return torch.multinomial(self.probs, self.negatives, replacement=True)
 
 
+def negative_sampler(
+    cfg: TrainConfig, items: IntArray, num_items: int, device: torch.device
+) -> NegativeSampler | None:
+    """The sampler of ``cfg``'s loss: ``cfg.negatives`` a batch, by the targets of
+    ``items`` (a :func:`training_matrix` of item indices, event types taken off) where
+    the loss is sampled-ce; None where it is the full softmax."""
+    if cfg.loss != "sampled-ce":
+        return None
+    return NegativeSampler.for_matrix(items, num_items, cfg.negatives, device)
+
+
 def seen_before(items: Tensor, num_items: int, candidates: Tensor) -> Tensor:
     """Whether each of ``candidates`` [C] is among a row's items up to each position:
     [B, L, C], for item indices ``items`` [B, L] (0 is padding) of ``num_items``."""
@@ -285,16 +296,8 @@ def train_sasrec(
         raise DataError("no user has enough interactions to train on (need at least 4 each)")
 
     cfg = cfg.resolved(num_items, sum(len(seq) for seq in data.sequences))
-    sampler = (
-        NegativeSampler.for_matrix(
-            matrix >> TYPE_BITS if cfg.event_types == "on" else matrix,
-            num_items,
-            cfg.negatives,
-            device,
-        )
-        if cfg.loss == "sampled-ce"
-        else None
-    )
+    items = matrix >> TYPE_BITS if cfg.event_types == "on" else matrix
+    sampler = negative_sampler(cfg, items, num_items, device)
     model = SASRec.from_config(num_items, cfg).to(device)
     optimizer = optimizer_for(model, cfg)
     steps_per_epoch = math.ceil(len(matrix) / cfg.batch_size)

@@ -25,8 +25,8 @@ from model.config import TrainConfig
 from model.data import build_sequence_data, leave_one_out, load_interactions
 from model.sasrec import SASRec
 from model.train import (
-    NegativeSampler,
     lr_scheduler,
+    negative_sampler,
     optimizer_for,
     seed_everything,
     target_mask,
@@ -60,11 +60,7 @@ def probe(
     optimizer = optimizer_for(model, cfg)
     steps_per_epoch = -(-len(matrix) // cfg.batch_size)
     scheduler = lr_scheduler(optimizer, cfg, cfg.epochs * steps_per_epoch)
-    sampler = (
-        NegativeSampler.for_matrix(matrix, num_items, cfg.negatives, torch.device("cpu"))
-        if cfg.loss == "sampled-ce"
-        else None
-    )
+    sampler = negative_sampler(cfg, matrix, num_items, torch.device("cpu"))
     model.train()
     losses, window, targets, started = [], 0.0, 0, time.perf_counter()
     for step in range(total):

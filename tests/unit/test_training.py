@@ -16,6 +16,7 @@ from model.sasrec import ByteDropout, SASRec
 from model.train import (
     NegativeSampler,
     lr_scheduler,
+    negative_sampler,
     seen_before,
     seen_pairs,
     sequence_loss,
@@ -158,6 +159,20 @@ def test_negative_sampler_draws_by_target_frequency() -> None:
     assert drawn[1] == pytest.approx(98 / 103, abs=0.01)
     assert drawn[4] == pytest.approx(1 / 103, abs=0.003)
     assert sampler.log_q[1].item() == pytest.approx(np.log(98 / 103), rel=1e-5)
+
+
+def test_the_loss_decides_whether_training_draws_negatives() -> None:
+    """Only sampled-ce gets a sampler, with the configured negatives, weighted by how
+    often each item is a target of the rows (an item with one before it)."""
+    rows = np.array([[0, 0, 3, 1, 1], [0, 2, 1, 1, 1]])  # targets: 1, 1, 1, 1, 1
+    cpu = torch.device("cpu")
+    assert negative_sampler(TINY.model_copy(update={"loss": "ce"}), rows, 4, cpu) is None
+    sampled = TINY.model_copy(update={"loss": "sampled-ce", "negatives": 7})
+    sampler = negative_sampler(sampled, rows, 4, cpu)
+    assert sampler is not None and sampler.negatives == 7
+    assert sampler.draw().shape == (7,)
+    # counts + 1 of items 1-4 (2 and 3 are never targets): 6, 1, 1, 1
+    assert sampler.probs.tolist() == pytest.approx([0, 6 / 9, 1 / 9, 1 / 9, 1 / 9])
 
 
 def test_logq_correction_makes_the_sampled_gradient_the_full_softmax_one() -> None:

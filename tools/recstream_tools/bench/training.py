@@ -42,7 +42,7 @@ from model.errors import ConfigError
 from model.evaluate import evaluate_model
 from model.sasrec import ByteDropout, SASRec
 from model.train import (
-    NegativeSampler,
+    negative_sampler,
     optimizer_for,
     sequence_loss,
     target_mask,
@@ -124,10 +124,11 @@ def _runner(
         if name == "foreach-adamw"
         else optimizer_for(model, cfg)
     )
-    sampler = (
-        NegativeSampler.for_matrix(matrix, num_items, cfg.negatives, device)
-        if name == "sampled" or cfg.loss == "sampled-ce"
-        else None
+    sampler = negative_sampler(
+        cfg.model_copy(update={"loss": "sampled-ce"}) if name == "sampled" else cfg,
+        matrix,
+        num_items,
+        device,
     )
     mask_seen = cfg.seen == "mask" and name != "keep-seen"
     model.train()
