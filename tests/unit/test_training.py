@@ -171,7 +171,7 @@ def test_the_loss_decides_whether_training_draws_negatives() -> None:
     sampler = negative_sampler(sampled, rows, 4, cpu)
     assert sampler is not None and sampler.negatives == 7
     assert sampler.draw().shape == (7,)
-    # counts + 1 of items 1-4 (2 and 3 are never targets): 6, 1, 1, 1
+    # counts + 1 of items 1-4 (only item 1 is ever a target): 6, 1, 1, 1
     assert sampler.probs.tolist() == pytest.approx([0, 6 / 9, 1 / 9, 1 / 9, 1 / 9])
 
 
