@@ -50,6 +50,12 @@ class TrainConfig(BaseModel):
         description="Training rows per user: newest, the newest max_len + 1 items (as "
         "SASRec); all, every item, the older ones in windows of max_len + 1.",
     )
+    packing: Literal["off", "on"] = Field(
+        "off",
+        description="on: training rows shorter than max_len + 1 share a row, each "
+        "attending only to itself, so that batches carry less padding; batch_size then "
+        "counts packed rows.",
+    )
     event_types: Literal["off", "on"] = Field(
         "off",
         description="on: each item's event type (view, click, add_to_cart, purchase) "

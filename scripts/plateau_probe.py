@@ -31,7 +31,7 @@ from model.train import (
     seed_everything,
     target_mask,
     train_step,
-    training_matrix,
+    training_rows,
 )
 from stream_worker.settings import Settings
 
@@ -52,22 +52,38 @@ def variant(base: TrainConfig, spec: str) -> TrainConfig:
 
 
 def probe(
-    cfg: TrainConfig, matrix: np.ndarray, num_items: int, order: np.ndarray, every: int, total: int
+    cfg: TrainConfig,
+    matrix: np.ndarray,
+    segments: np.ndarray | None,
+    num_items: int,
+    order: np.ndarray,
+    every: int,
+    total: int,
 ) -> tuple[list[float], float]:
-    """Mean loss of each ``every`` steps over the first ``total``; targets per second."""
+    """Mean loss of each ``every`` steps over the first ``total`` on ``matrix`` (packed
+    where ``segments``); targets per second."""
     seed_everything(cfg.seed)
     model = SASRec.from_config(num_items, cfg)
     optimizer = optimizer_for(model, cfg)
     steps_per_epoch = -(-len(matrix) // cfg.batch_size)
     scheduler = lr_scheduler(optimizer, cfg, cfg.epochs * steps_per_epoch)
-    sampler = negative_sampler(cfg, matrix, num_items, torch.device("cpu"))
+    sampler = negative_sampler(cfg, matrix, num_items, torch.device("cpu"), segments)
     model.train()
     losses, window, targets, started = [], 0.0, 0, time.perf_counter()
     for step in range(total):
-        rows = matrix[order[step * cfg.batch_size : (step + 1) * cfg.batch_size]]
-        targets += int(target_mask(rows).sum())
-        batch = torch.from_numpy(rows)
-        window += train_step(model, optimizer, scheduler, batch, sampler, cfg.seen == "mask")
+        picked = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
+        segs = None if segments is None else segments[picked]
+        targets += int(target_mask(matrix[picked], segs).sum())
+        batch = torch.from_numpy(matrix[picked])
+        window += train_step(
+            model,
+            optimizer,
+            scheduler,
+            batch,
+            sampler,
+            cfg.seen == "mask",
+            None if segs is None else torch.from_numpy(segs),
+        )
         if (step + 1) % every == 0:
             losses.append(window / every)
             window = 0.0
@@ -93,12 +109,12 @@ def main() -> None:
         cfg = chosen.resolved(num_items, events)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        matrix = training_matrix(prefixes, cfg.max_len, cfg.history)
+        matrix, segments = training_rows(prefixes, cfg)
         rng = np.random.default_rng(cfg.seed)
         epochs = -(-args.steps * cfg.batch_size // len(matrix))  # an epoch a permutation
         order = np.concatenate([rng.permutation(len(matrix)) for _ in range(epochs)])
         print(f"{spec}:", flush=True)
-        losses, speed = probe(cfg, matrix, num_items, order, args.every, args.steps)
+        losses, speed = probe(cfg, matrix, segments, num_items, order, args.every, args.steps)
         rows.append(f"| {spec} | {', '.join(f'{x:.3f}' for x in losses)} | {speed:,.0f} |")
     print(f"\n| variant | mean loss of each {args.every} steps | targets/s |\n|---|---|---|")
     print("\n".join(rows))

@@ -17,9 +17,11 @@ from model.train import (
     NegativeSampler,
     lr_scheduler,
     negative_sampler,
+    pack_rows,
     seen_before,
     seen_pairs,
     sequence_loss,
+    target_mask,
     train_sasrec,
     training_matrix,
 )
@@ -202,22 +204,116 @@ def test_logq_correction_makes_the_sampled_gradient_the_full_softmax_one() -> No
     assert cos(uncorrected, full, dim=0) < cos(corrected, full, dim=0) - 0.1
 
 
-def test_seen_items_are_found_up_to_each_position() -> None:
+@pytest.mark.parametrize("packed", [False, True])
+def test_seen_items_are_found_up_to_each_position(packed: bool) -> None:
     rng = np.random.default_rng(0)
     items = torch.from_numpy(rng.integers(0, 9, size=(5, 7)))  # repeats, and 0 padding
     candidates = torch.tensor([3, 8, 1, 3])
     mask = torch.from_numpy(rng.random((5, 7)) < 0.7)
-    seen = seen_before(items, 8, candidates)
-    rows, found = seen_pairs(items, mask)
+    # Packed rows: up to three sequences a row, each position seeing its own only.
+    segments = torch.from_numpy(np.sort(rng.integers(1, 4, size=(5, 7)), axis=1))
+    segs = segments if packed else None
+    seen = seen_before(items, candidates, segs)
+    rows, found = seen_pairs(items, mask, segs)
     assert seen.shape == (5, 7, 4)
     selected = [(b, pos) for b, pos in itertools.product(range(5), range(7)) if mask[b, pos]]
     for b, pos in itertools.product(range(5), range(7)):
-        had = [int(i) for i in items[b, : pos + 1] if i != 0]
+        own = [i for i in range(pos + 1) if not packed or segments[b, i] == segments[b, pos]]
+        had = [int(items[b, i]) for i in own if items[b, i] != 0]
         assert [bool(x) for x in seen[b, pos]] == [int(c) in had for c in candidates]
         if mask[b, pos]:
             number = selected.index((b, pos))
             assert sorted(found[rows == number].tolist()) == sorted(had)
     assert set(rows.tolist()) <= set(range(len(selected)))
+
+
+@pytest.mark.parametrize("max_len", [4, 9])
+def test_packing_keeps_every_transition_in_fewer_rows(max_len: int) -> None:
+    rng = np.random.default_rng(0)
+    prefixes = [np.arange(1, n + 1) + 100 * u for u, n in enumerate(rng.integers(2, 30, 50))]
+    matrix = training_matrix(prefixes, max_len, "all")
+    packed, segments = pack_rows(matrix)
+
+    def transitions(rows: np.ndarray, segs: np.ndarray | None = None) -> list[tuple[int, int]]:
+        mask = target_mask(rows, segs)
+        return sorted(zip(rows[:, :-1][mask].tolist(), rows[:, 1:][mask].tolist(), strict=True))
+
+    assert transitions(packed, segments) == transitions(matrix)
+    assert len(packed) < len(matrix)
+    assert (packed != 0).mean() > (matrix != 0).mean()
+    for row, segs in zip(packed, segments, strict=True):
+        assert ((row != 0) == (segs != 0)).all()  # items have a sequence, padding none
+        numbers = segs[segs != 0]
+        assert numbers[0] == 1 and set(np.diff(numbers)) <= {0, 1}  # 1, 2, ... in order
+        # every sequence is one of matrix's rows, whole
+        for k in range(1, int(numbers.max()) + 1):
+            part = row[segs == k]
+            assert any((r[-len(part) :] == part).all() and (r[: -len(part)] == 0).all()
+                       for r in matrix)  # fmt: skip
+    assert (pack_rows(matrix)[0] == packed).all()  # the same rows every time
+
+
+@pytest.mark.parametrize("block", ["sasrec", "pre-norm"])
+def test_a_packed_row_encodes_each_sequence_as_a_row_of_its_own(block: str) -> None:
+    torch.manual_seed(0)
+    model = SASRec(40, max_len=10, dim=16, blocks=2, dropout=0.0, block=block).eval()
+    first, second, third = [5, 9, 2], [7, 7, 1, 3], [11, 12]
+    row = torch.tensor([[0, *first, *second, *third]])
+    segments = torch.tensor([[0, 1, 1, 1, 2, 2, 2, 2, 3, 3]])
+    packed = model(row, segments=segments)[0]
+    at = 1
+    for part in (first, second, third):
+        alone = model(torch.tensor([part]))[0]
+        assert torch.allclose(packed[at : at + len(part)], alone, atol=1e-5)
+        at += len(part)
+
+    # In training, with dropout on attention weights too: what one sequence holds changes
+    # nothing in another's outputs (the same random draws, as the shapes are the same).
+    model = SASRec(40, max_len=10, dim=16, blocks=2, dropout=0.3, block=block).train()
+    outputs = []
+    for middle in (second, [30, 31, 32, 33]):
+        torch.manual_seed(1)
+        outputs.append(model(torch.tensor([[0, *first, *middle, *third]]), segments=segments)[0])
+    assert not torch.allclose(outputs[0][4:8], outputs[1][4:8])
+    assert torch.equal(outputs[0][:4], outputs[1][:4])
+    assert torch.equal(outputs[0][8:], outputs[1][8:])
+
+
+def test_packed_rows_give_the_loss_of_the_rows_apart() -> None:
+    torch.manual_seed(0)
+    items = 12
+    model = SASRec(items, max_len=8, dim=8, blocks=1, dropout=0.0).eval()
+    # Repeats across the rows: one row's items must not count as seen in another's.
+    matrix = training_matrix([np.array([3, 5, 3, 7]), np.array([7, 2, 5]), np.array([1, 9])], 8)
+    packed, segments = pack_rows(matrix)
+    assert len(packed) == 1
+    apart, together = torch.from_numpy(matrix), torch.from_numpy(packed)
+    segs = torch.from_numpy(segments)
+    for mask_seen in (False, True):
+        loss = sequence_loss(model, apart, mask_seen=mask_seen)
+        assert sequence_loss(model, together, mask_seen=mask_seen, segments=segs).item() == (
+            pytest.approx(loss.item(), rel=1e-6)
+        )
+    sampler = NegativeSampler(np.array([0, *range(1, items + 1)]), 6, torch.device("cpu"))
+    losses = []
+    for batch, by in ((apart, None), (together, segs)):
+        torch.manual_seed(1)  # the same negatives
+        losses.append(sequence_loss(model, batch, sampler, mask_seen=True, segments=by).item())
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+
+
+def test_training_on_packed_rows_learns() -> None:
+    # Short histories: max_len 8 over users of 4 to 6 items leaves most of a row padding.
+    sequences = {
+        u: s[: 4 + int(u.split("-")[1]) % 3] for u, s in cyclic_sequences(users=150).items()
+    }
+    data = build_sequence_data(sequences)
+    cfg = TINY.model_copy(update={"packing": "on", "batch_size": 8})
+    result = train_sasrec(data, cfg, progress=False)
+    assert result.test["hr@10"] > 0.9
+    # Each user's prefix of n - 2 items holds n - 3 targets: 1, 2 or 3, 300 an epoch.
+    for epoch in result.history:
+        assert epoch.samples_per_s * epoch.seconds == pytest.approx(300, rel=0.01)
 
 
 def _masked_loss_by_hand(

@@ -20,7 +20,9 @@ Variants (``--variants``, in this order by default):
 - ``foreach-adamw``: AdamW's multi-tensor implementation, as training ran before the
   fused one;
 - ``keep-seen``: each position's softmax over every item, the user's own earlier items
-  included, as training ran before ``seen`` mask.
+  included, as training ran before ``seen`` mask;
+- ``packed``: rows packed together (``packing`` on, ``model.train.pack_rows``), batches
+  of ``batch_size`` packed rows.
 """
 
 import json
@@ -47,6 +49,7 @@ from model.train import (
     sequence_loss,
     target_mask,
     training_matrix,
+    training_rows,
 )
 
 logger = logging.getLogger(__name__)
@@ -60,6 +63,7 @@ VARIANTS = (
     "sampled",
     "foreach-adamw",
     "keep-seen",
+    "packed",
 )
 
 
@@ -97,13 +101,26 @@ class TrainingSpeed:
 class _Runner:
     speed: VariantSpeed
     model: SASRec
-    step: Callable[[Tensor], None]
+    matrix: np.ndarray  # the rows it draws batches from
+    segments: np.ndarray | None  # where they are packed
+    step: Callable[[Tensor, Tensor | None], None]
+
+    def draw(self, rng: np.random.Generator) -> tuple[Tensor, Tensor | None, int]:
+        """A batch of random rows, their segments, and how many targets they hold."""
+        picked = rng.integers(0, len(self.matrix), self.speed.batch_size)
+        segments = None if self.segments is None else self.segments[picked]
+        targets = int(target_mask(self.matrix[picked], segments).sum())
+        as_tensor = None if segments is None else torch.from_numpy(segments)
+        return torch.from_numpy(self.matrix[picked]), as_tensor, targets
 
 
 def _runner(
-    name: str, cfg: TrainConfig, num_items: int, matrix: np.ndarray, device: torch.device
+    name: str, cfg: TrainConfig, num_items: int, prefixes: list[np.ndarray], device: torch.device
 ) -> _Runner:
     torch.manual_seed(cfg.seed)
+    if name == "packed":
+        cfg = cfg.model_copy(update={"packing": "on"})
+    matrix, segments = training_rows(prefixes, cfg)
     batch_size = int(name.split("-")[1]) if name.startswith("batch-") else cfg.batch_size
     model = SASRec.from_config(num_items, cfg).to(device)
     if name == "torch-dropout":
@@ -129,18 +146,19 @@ def _runner(
         matrix,
         num_items,
         device,
+        segments,
     )
     mask_seen = cfg.seen == "mask" and name != "keep-seen"
     model.train()
 
-    def step(batch: Tensor) -> None:
+    def step(batch: Tensor, segments: Tensor | None) -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=name == "bf16"):
-            loss = sequence_loss(model, batch, sampler, mask_seen=mask_seen)
+            loss = sequence_loss(model, batch, sampler, mask_seen=mask_seen, segments=segments)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()  # type: ignore[no-untyped-call]
         optimizer.step()
 
-    return _Runner(VariantSpeed(name, batch_size), model, step)
+    return _Runner(VariantSpeed(name, batch_size), model, matrix, segments, step)
 
 
 def run_training_speed(
@@ -161,20 +179,19 @@ def run_training_speed(
     prefixes, valid_targets, _ = leave_one_out(data)
     matrix = training_matrix(prefixes, cfg.max_len, cfg.history)
     per_epoch = int(target_mask(matrix).sum())
-    runners = [_runner(v, cfg, num_items, matrix, device) for v in variants]
+    runners = [_runner(v, cfg, num_items, prefixes, device) for v in variants]
     rng = np.random.default_rng(cfg.seed)
     for runner in runners:  # warm-up: allocator, kernels' first calls
         for _ in range(2):
-            runner.step(torch.from_numpy(matrix[rng.integers(0, len(matrix), cfg.batch_size)]))
+            runner.step(*runner.draw(rng)[:2])
     for round_ in range(rounds):
         for runner in runners:
             for _ in range(steps):
-                rows = matrix[rng.integers(0, len(matrix), runner.speed.batch_size)]
-                batch = torch.from_numpy(rows).to(device)
+                batch, segments, targets = runner.draw(rng)
                 started = time.perf_counter()
-                runner.step(batch)
+                runner.step(batch, segments)
                 runner.speed.step_ms.append((time.perf_counter() - started) * 1000)
-                runner.speed.targets += int(target_mask(rows).sum())
+                runner.speed.targets += targets
         logger.info("round %d of %d done", round_ + 1, rounds)
     model = runners[0].model.eval()
     started = time.perf_counter()
