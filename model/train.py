@@ -105,7 +105,7 @@ def pack_rows(matrix: IntArray) -> tuple[IntArray, IntArray]:
 
     Short histories and the oldest windows of long ones are mostly padding, which every
     block computes on; packed, an epoch has the same targets in fewer rows (MovieLens-1M
-    at ``max_len`` 100: 25% fewer). Best-fit decreasing: longest first, each into the
+    at ``max_len`` 100: 24% fewer). Best-fit decreasing: longest first, each into the
     fullest row it fits; rows and their order are the same for the same ``matrix``.
     """
     width = matrix.shape[1]
