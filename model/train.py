@@ -148,6 +148,19 @@ def training_rows(
     return matrix, None
 
 
+def training_batch(
+    matrix: IntArray, segments: IntArray | None, picked: IntArray, device: torch.device
+) -> tuple[Tensor, Tensor | None, int]:
+    """Rows ``picked`` of :func:`training_rows`' ``matrix`` and ``segments`` as tensors
+    on ``device`` (segments None where the rows are not packed), and how many next-item
+    targets they hold."""
+    rows = matrix[picked]
+    segs = None if segments is None else segments[picked]
+    targets = int(target_mask(rows, segs).sum())
+    as_tensor = None if segs is None else torch.from_numpy(segs).to(device)
+    return torch.from_numpy(rows).to(device), as_tensor, targets
+
+
 def target_mask(rows: IntArray, segments: IntArray | None = None) -> npt.NDArray[np.bool_]:
     """Which positions of training rows (:func:`training_matrix`, or with ``segments``
     :func:`pack_rows`) past the first are next-item targets: an item with one before it
@@ -429,13 +442,10 @@ def train_sasrec(
         )
         for step in batches:
             picked = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
-            rows = matrix[picked]
-            segs = None if segments is None else segments[picked]
-            samples += int(target_mask(rows, segs).sum())
-            batch = torch.from_numpy(rows).to(device)
-            segs_t = None if segs is None else torch.from_numpy(segs).to(device)
+            batch, segs, targets = training_batch(matrix, segments, picked, device)
+            samples += targets
             total += train_step(
-                model, optimizer, scheduler, batch, sampler, cfg.seen == "mask", segs_t
+                model, optimizer, scheduler, batch, sampler, cfg.seen == "mask", segs
             )
         trained_s = time.perf_counter() - epoch_start
         stats = EpochStats(epoch, total / max(steps, 1), trained_s)

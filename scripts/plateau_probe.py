@@ -29,8 +29,8 @@ from model.train import (
     negative_sampler,
     optimizer_for,
     seed_everything,
-    target_mask,
     train_step,
+    training_batch,
     training_rows,
 )
 from stream_worker.settings import Settings
@@ -72,18 +72,9 @@ def probe(
     losses, window, targets, started = [], 0.0, 0, time.perf_counter()
     for step in range(total):
         picked = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
-        segs = None if segments is None else segments[picked]
-        targets += int(target_mask(matrix[picked], segs).sum())
-        batch = torch.from_numpy(matrix[picked])
-        window += train_step(
-            model,
-            optimizer,
-            scheduler,
-            batch,
-            sampler,
-            cfg.seen == "mask",
-            None if segs is None else torch.from_numpy(segs),
-        )
+        batch, segs, held = training_batch(matrix, segments, picked, torch.device("cpu"))
+        targets += held
+        window += train_step(model, optimizer, scheduler, batch, sampler, cfg.seen == "mask", segs)
         if (step + 1) % every == 0:
             losses.append(window / every)
             window = 0.0

@@ -1,7 +1,7 @@
 """Training speed: what one optimiser step costs, variant by variant, side by side.
 
 Each variant is a model and optimiser of its own, trained on the dataset's real
-training rows (``model.train.training_matrix``). The variants take turns, a few steps
+training rows (``model.train.training_rows``). The variants take turns, a few steps
 each, for several rounds, so that a machine that speeds up or slows down over the run
 weighs on all of them alike; each variant's median step time, next-item targets per
 second and ratio to the first variant are printed, with the epoch each would take. One
@@ -48,7 +48,7 @@ from model.train import (
     optimizer_for,
     sequence_loss,
     target_mask,
-    training_matrix,
+    training_batch,
     training_rows,
 )
 
@@ -108,19 +108,20 @@ class _Runner:
     def draw(self, rng: np.random.Generator) -> tuple[Tensor, Tensor | None, int]:
         """A batch of random rows, their segments, and how many targets they hold."""
         picked = rng.integers(0, len(self.matrix), self.speed.batch_size)
-        segments = None if self.segments is None else self.segments[picked]
-        targets = int(target_mask(self.matrix[picked], segments).sum())
-        as_tensor = None if segments is None else torch.from_numpy(segments)
-        return torch.from_numpy(self.matrix[picked]), as_tensor, targets
+        return training_batch(self.matrix, self.segments, picked, torch.device("cpu"))
 
 
 def _runner(
-    name: str, cfg: TrainConfig, num_items: int, prefixes: list[np.ndarray], device: torch.device
+    name: str,
+    cfg: TrainConfig,
+    num_items: int,
+    rows: tuple[np.ndarray, np.ndarray | None],
+    device: torch.device,
 ) -> _Runner:
+    """Variant ``name``'s model, optimiser and step, drawing from ``rows``
+    (:func:`model.train.training_rows`)."""
     torch.manual_seed(cfg.seed)
-    if name == "packed":
-        cfg = cfg.model_copy(update={"packing": "on"})
-    matrix, segments = training_rows(prefixes, cfg)
+    matrix, segments = rows
     batch_size = int(name.split("-")[1]) if name.startswith("batch-") else cfg.batch_size
     model = SASRec.from_config(num_items, cfg).to(device)
     if name == "torch-dropout":
@@ -151,9 +152,9 @@ def _runner(
     mask_seen = cfg.seen == "mask" and name != "keep-seen"
     model.train()
 
-    def step(batch: Tensor, segments: Tensor | None) -> None:
+    def step(batch: Tensor, segs: Tensor | None) -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=name == "bf16"):
-            loss = sequence_loss(model, batch, sampler, mask_seen=mask_seen, segments=segments)
+            loss = sequence_loss(model, batch, sampler, mask_seen=mask_seen, segments=segs)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()  # type: ignore[no-untyped-call]
         optimizer.step()
@@ -177,9 +178,15 @@ def run_training_speed(
     num_items = data.num_items()
     cfg = cfg.resolved(num_items, sum(len(seq) for seq in data.sequences))
     prefixes, valid_targets, _ = leave_one_out(data)
-    matrix = training_matrix(prefixes, cfg.max_len, cfg.history)
-    per_epoch = int(target_mask(matrix).sum())
-    runners = [_runner(v, cfg, num_items, prefixes, device) for v in variants]
+    # Each kind of rows built once: as configured, and packed for the packed variant.
+    rows = training_rows(prefixes, cfg)
+    packed = rows
+    if "packed" in variants:
+        packed = training_rows(prefixes, cfg.model_copy(update={"packing": "on"}))
+    per_epoch = int(target_mask(*rows).sum())
+    runners = [
+        _runner(v, cfg, num_items, packed if v == "packed" else rows, device) for v in variants
+    ]
     rng = np.random.default_rng(cfg.seed)
     for runner in runners:  # warm-up: allocator, kernels' first calls
         for _ in range(2):
@@ -200,7 +207,7 @@ def run_training_speed(
     result = TrainingSpeed(
         name,
         num_items,
-        len(matrix),
+        len(rows[0]),
         per_epoch,
         cfg.model_dump(include={"dim", "max_len", "blocks", "batch_size", "loss", "negatives"}),
         [r.speed for r in runners],
