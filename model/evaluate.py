@@ -24,10 +24,18 @@ def metrics_from_ranks(ranks: npt.NDArray[np.int64], ks: Sequence[int] = KS) -> 
         return {f"{name}@{k}": 0.0 for k in ks for name in ("hr", "ndcg")}
     out: Metrics = {}
     for k in ks:
-        hit = ranks < k
+        hit, gain = per_user_at(ranks, k)
         out[f"hr@{k}"] = float(hit.mean())
-        out[f"ndcg@{k}"] = float(np.where(hit, 1.0 / np.log2(ranks + 2.0), 0.0).mean())
+        out[f"ndcg@{k}"] = float(gain.mean())
     return out
+
+
+def per_user_at(
+    ranks: npt.NDArray[np.int64], k: int
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """Each user's hit@K (1.0 or 0.0) and NDCG@K, from 0-based ranks of the targets."""
+    hit = ranks < k
+    return hit.astype(np.float64), np.where(hit, 1.0 / np.log2(ranks + 2.0), 0.0)
 
 
 def ranks_from_scores(
@@ -49,6 +57,34 @@ ScoreFn = Callable[[torch.Tensor], torch.Tensor]
 
 
 @torch.no_grad()
+def rank_targets(
+    score_fn: ScoreFn,
+    max_len: int,
+    inputs: Sequence[IntArray],
+    targets: IntArray,
+    *,
+    device: torch.device | None = None,
+    batch_size: int = 256,
+    progress: bool = False,
+    desc: str = "evaluate",
+    seen: Sequence[IntArray] | None = None,
+) -> npt.NDArray[np.int64]:
+    """Each case's 0-based rank of its next-item target under ``score_fn`` ([B, L] ->
+    [B, N + 1]), over every item it has not seen (:func:`ranks_from_scores`). ``seen``
+    holds the item indices to rank out when ``inputs`` are not item indices (tokens
+    with event types); by default the inputs themselves."""
+    ranks: list[torch.Tensor] = []
+    seen = inputs if seen is None else seen
+    starts = range(0, len(inputs), batch_size)
+    for start in tqdm(starts, desc=desc, disable=not progress, leave=False, unit="batch"):
+        batch = inputs[start : start + batch_size]
+        seqs = torch.from_numpy(pad_left(batch, max_len)).to(device)
+        tgt = torch.from_numpy(targets[start : start + batch_size]).to(device)
+        filtered = seen[start : start + batch_size]
+        ranks.append(ranks_from_scores(score_fn(seqs), filtered, tgt).cpu())
+    return torch.cat(ranks).numpy() if ranks else np.zeros(0, dtype=np.int64)
+
+
 def evaluate_scores(
     score_fn: ScoreFn,
     max_len: int,
@@ -61,20 +97,26 @@ def evaluate_scores(
     desc: str = "evaluate",
     seen: Sequence[IntArray] | None = None,
 ) -> Metrics:
-    """Full-ranking metrics of ``score_fn`` ([B, L] -> [B, N + 1]) for next-item ``targets``.
-    ``seen`` holds the item indices to rank out when ``inputs`` are not item indices
-    (tokens with event types); by default the inputs themselves."""
-    ranks: list[torch.Tensor] = []
-    seen = inputs if seen is None else seen
-    starts = range(0, len(inputs), batch_size)
-    for start in tqdm(starts, desc=desc, disable=not progress, leave=False, unit="batch"):
-        batch = inputs[start : start + batch_size]
-        seqs = torch.from_numpy(pad_left(batch, max_len)).to(device)
-        tgt = torch.from_numpy(targets[start : start + batch_size]).to(device)
-        filtered = seen[start : start + batch_size]
-        ranks.append(ranks_from_scores(score_fn(seqs), filtered, tgt).cpu())
-    all_ranks = torch.cat(ranks).numpy() if ranks else np.zeros(0, dtype=np.int64)
-    return metrics_from_ranks(all_ranks)
+    """Full-ranking metrics of ``score_fn`` for next-item ``targets`` (the ranks of
+    :func:`rank_targets`, averaged)."""
+    ranks = rank_targets(
+        score_fn, max_len, inputs, targets,
+        device=device, batch_size=batch_size, progress=progress, desc=desc, seen=seen,
+    )  # fmt: skip
+    return metrics_from_ranks(ranks)
+
+
+def paired_difference(
+    a: npt.NDArray[np.float64], b: npt.NDArray[np.float64]
+) -> tuple[float, float]:
+    """Mean of ``b - a`` over the same users (per-user figures such as hit@10), and the
+    half-width of its 95% confidence interval (normal approximation, users as the
+    sample). Paired, the users' shared difficulty cancels: the interval is much
+    narrower than either mean's."""
+    if a.shape != b.shape or a.ndim != 1 or len(a) < 2:
+        raise ValueError("paired_difference needs two equal 1-d arrays of at least 2 users")
+    diff = b - a
+    return float(diff.mean()), float(1.96 * diff.std(ddof=1) / np.sqrt(len(diff)))
 
 
 def evaluate_model(

@@ -28,7 +28,13 @@ from model.data import (
     build_sequence_data,
     load_interactions,
 )
-from model.evaluate import Metrics, evaluate_popularity, evaluate_scores, popularity_order
+from model.evaluate import (
+    Metrics,
+    evaluate_popularity,
+    metrics_from_ranks,
+    popularity_order,
+    rank_targets,
+)
 from model.sasrec import script_encoder, takes_event_types
 from model.sequences import IntArray, encoder_input, type_codes
 from model.train import TrainResult, plot_training_curve, train_sasrec
@@ -165,20 +171,27 @@ class Evaluation:
         }
 
 
-def evaluate_version(
+@dataclass(frozen=True)
+class HeldOutRanks:
+    """Each test user's 0-based rank of their last item under a version (the number of
+    unseen items it scored above it; users in the order of the log), and what
+    popularity needs to rank the same users: the item indices each has seen, and the
+    targets (``len(item_ids)`` where the version does not know the item)."""
+
+    ranks: IntArray
+    seen: list[IntArray]
+    targets: IntArray
+
+
+def held_out_ranks(
     sequences: Mapping[str, list[str]],
     loaded: LoadedVersion,
     *,
     progress: bool = False,
     event_types: Mapping[str, list[str]] | None = None,
-) -> Evaluation:
-    """Leave-one-out test metrics of a published version on ``sequences``.
-
-    Items the version does not know are dropped from histories; a user whose test
-    target is unknown still counts (as a miss), so the figure is not flattered. A
-    version trained with event types reads them from ``event_types`` (per user, aligned
-    with ``sequences``; without them, as not known).
-    """
+) -> HeldOutRanks:
+    """Leave-one-out test ranks of a published version on ``sequences`` (as
+    :func:`evaluate_version`, user by user)."""
     index = loaded.item_index()
     unknown = len(loaded.item_ids)  # an index no score row has: never ranked
     typed = takes_event_types(loaded.encoder)
@@ -207,12 +220,32 @@ def evaluate_version(
         return scores
 
     target_arr = np.array(targets, dtype=np.int64)
-    model_metrics = evaluate_scores(
+    ranks = rank_targets(
         score, loaded.max_len, inputs, target_arr, progress=progress, desc="evaluate", seen=seen
     )
-    order = popularity_order(seen, len(loaded.item_ids))
-    pop_scores = evaluate_popularity(order, seen, target_arr)
-    return Evaluation(loaded.version, len(inputs), model_metrics, pop_scores)
+    return HeldOutRanks(ranks, seen, target_arr)
+
+
+def evaluate_version(
+    sequences: Mapping[str, list[str]],
+    loaded: LoadedVersion,
+    *,
+    progress: bool = False,
+    event_types: Mapping[str, list[str]] | None = None,
+) -> Evaluation:
+    """Leave-one-out test metrics of a published version on ``sequences``, beside
+    popularity's on the same users.
+
+    Items the version does not know are dropped from histories; a user whose test
+    target is unknown still counts (as a miss), so the figure is not flattered. A
+    version trained with event types reads them from ``event_types`` (per user, aligned
+    with ``sequences``; without them, as not known).
+    """
+    held_out = held_out_ranks(sequences, loaded, progress=progress, event_types=event_types)
+    order = popularity_order(held_out.seen, len(loaded.item_ids))
+    pop_scores = evaluate_popularity(order, held_out.seen, held_out.targets)
+    model_metrics = metrics_from_ranks(held_out.ranks)
+    return Evaluation(loaded.version, len(held_out.ranks), model_metrics, pop_scores)
 
 
 def evaluate_published(
