@@ -66,6 +66,9 @@ def test_groups_against_the_first_on_the_same_users(tmp_path: Path) -> None:
     assert float(table["longer", "mean"][0]) == pytest.approx(b["hr@10"], abs=1e-4)
     diffs = {row[0]: row[1:] for row in cells if len(row) == 3 and "±" in row[1]}
     assert diffs["again"] == ["+0.0000 ± 0.0000", "+0.0000 ± 0.0000"]
+    assert abs(b["ndcg@10"] - a["ndcg@10"]) > 0.01  # 1 epoch against 4: unlike models
     hr_diff = float(diffs["longer"][0].split("±")[0])
     assert hr_diff == pytest.approx(b["hr@10"] - a["hr@10"], abs=2e-4)
+    ndcg_diff = float(diffs["longer"][1].split("±")[0])
+    assert ndcg_diff == pytest.approx(b["ndcg@10"] - a["ndcg@10"], abs=2e-4)
     assert plot.stat().st_size > 1000
