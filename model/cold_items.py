@@ -25,7 +25,7 @@ import torch
 from model.artifacts import LoadedVersion
 from model.data import InteractionLog
 from model.errors import DataError
-from model.evaluate import Metrics, ScoreFn, evaluate_scores
+from model.evaluate import Metrics, ScoreFn, metrics_from_ranks, rank_targets
 from model.item_text import TextEncoder, place_items
 from model.sequences import IntArray
 
@@ -166,7 +166,7 @@ def evaluate_cold(
         "random": constant(random_cold),
     }
     scored = {
-        name: _at_10(evaluate_scores(fn, ext.max_len, histories, target_arr))
+        name: _at_10(metrics_from_ranks(rank_targets(fn, ext.max_len, histories, target_arr)))
         for name, fn in score_fns.items()
     }
 
@@ -209,6 +209,8 @@ def _warm_leave_one_out(
 
     tables = {"without_new_items": before, "with_new_items": ext.table}
     return {
-        name: _at_10(evaluate_scores(against(table), loaded.max_len, histories, target_arr))
+        name: _at_10(
+            metrics_from_ranks(rank_targets(against(table), loaded.max_len, histories, target_arr))
+        )
         for name, table in tables.items()
     }

@@ -85,27 +85,6 @@ def rank_targets(
     return torch.cat(ranks).numpy() if ranks else np.zeros(0, dtype=np.int64)
 
 
-def evaluate_scores(
-    score_fn: ScoreFn,
-    max_len: int,
-    inputs: Sequence[IntArray],
-    targets: IntArray,
-    *,
-    device: torch.device | None = None,
-    batch_size: int = 256,
-    progress: bool = False,
-    desc: str = "evaluate",
-    seen: Sequence[IntArray] | None = None,
-) -> Metrics:
-    """Full-ranking metrics of ``score_fn`` for next-item ``targets`` (the ranks of
-    :func:`rank_targets`, averaged)."""
-    ranks = rank_targets(
-        score_fn, max_len, inputs, targets,
-        device=device, batch_size=batch_size, progress=progress, desc=desc, seen=seen,
-    )  # fmt: skip
-    return metrics_from_ranks(ranks)
-
-
 def paired_difference(
     a: npt.NDArray[np.float64], b: npt.NDArray[np.float64]
 ) -> tuple[float, float]:
@@ -129,12 +108,12 @@ def evaluate_model(
     seen: Sequence[IntArray] | None = None,
 ) -> Metrics:
     """Full-ranking metrics of an eager ``model``, in eval mode (``seen``: as
-    :func:`evaluate_scores`)."""
+    :func:`rank_targets`)."""
     was_training = model.training
     model.eval()
     try:
         device = model.item_emb.weight.device
-        return evaluate_scores(
+        ranks = rank_targets(
             model.score_all,
             model.max_len,
             inputs,
@@ -146,6 +125,7 @@ def evaluate_model(
         )
     finally:
         model.train(was_training)
+    return metrics_from_ranks(ranks)
 
 
 def popularity_order(sequences: Sequence[IntArray], num_items: int) -> IntArray:

@@ -19,7 +19,7 @@ import torch
 
 from model.artifacts import LoadedVersion, load_version
 from model.data import load_interactions
-from model.evaluate import ScoreFn, evaluate_scores
+from model.evaluate import ScoreFn, metrics_from_ranks, rank_targets
 from model.sequences import IntArray, encoder_input
 
 
@@ -67,7 +67,8 @@ def main() -> None:
     target_array = np.asarray(targets, dtype=np.int64)
     with torch.no_grad():
         for name, chosen in rows:
-            metrics = evaluate_scores(summed_scores(chosen), longest, histories, target_array)
+            ranks = rank_targets(summed_scores(chosen), longest, histories, target_array)
+            metrics = metrics_from_ranks(ranks)
             print(f"| {name} | {metrics['hr@10']:.4f} | {metrics['ndcg@10']:.4f} |", flush=True)
 
 

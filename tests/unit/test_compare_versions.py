@@ -14,6 +14,7 @@ from model.config import IndexConfig
 from model.data import build_sequence_data
 from model.evaluate import paired_difference
 from model.pipeline import evaluate_version, train_and_publish
+from tests.unit.test_ensemble_eval import write_log
 from tests.unit.test_training import TINY, cyclic_sequences
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "compare_versions.py"
@@ -33,11 +34,7 @@ def test_paired_difference_is_the_mean_difference_with_its_interval() -> None:
 
 def test_groups_against_the_first_on_the_same_users(tmp_path: Path) -> None:
     sequences = cyclic_sequences(users=80)
-    log = tmp_path / "log.tsv"
-    rows = [(u, i) for u, items in sequences.items() for i in items]
-    log.write_text("user_id\titem_id\ttimestamp\n" + "".join(
-        f"{u}\t{i}\t{t}\n" for t, (u, i) in enumerate(rows)
-    ))  # fmt: skip
+    log = write_log(sequences, tmp_path / "log.tsv")
     data = build_sequence_data(sequences)
     for name, epochs in (("a", 1), ("b", 4)):
         train_and_publish(

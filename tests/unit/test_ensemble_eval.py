@@ -28,13 +28,18 @@ def _rows(*args: Path) -> dict[str, tuple[float, float]]:
     return rows
 
 
-def test_a_versions_row_and_its_sum_with_itself_agree_with_evaluate(tmp_path: Path) -> None:
-    sequences = cyclic_sequences(users=80)
-    log = tmp_path / "log.tsv"
+def write_log(sequences: dict[str, list[str]], path: Path) -> Path:
+    """``sequences`` as a tab-separated log with timestamps in order."""
     rows = [(u, i) for u, items in sequences.items() for i in items]
-    log.write_text("user_id\titem_id\ttimestamp\n" + "".join(
+    path.write_text("user_id\titem_id\ttimestamp\n" + "".join(
         f"{u}\t{i}\t{t}\n" for t, (u, i) in enumerate(rows)
     ))  # fmt: skip
+    return path
+
+
+def test_a_versions_row_and_its_sum_with_itself_agree_with_evaluate(tmp_path: Path) -> None:
+    sequences = cyclic_sequences(users=80)
+    log = write_log(sequences, tmp_path / "log.tsv")
     data = build_sequence_data(sequences)
     cfg = TINY.model_copy(update={"epochs": 3})
     for name, seed in (("a", 0), ("b", 1)):
