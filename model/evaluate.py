@@ -90,8 +90,8 @@ def paired_difference(
 ) -> tuple[float, float]:
     """Mean of ``b - a`` over the same users (per-user figures such as hit@10), and the
     half-width of its 95% confidence interval (normal approximation, users as the
-    sample). Paired, the users' shared difficulty cancels: the interval is much
-    narrower than either mean's."""
+    sample). Paired, what makes a user easy or hard for both cancels, so where two
+    models rank users alike the interval is narrower than either mean's."""
     if a.shape != b.shape or a.ndim != 1 or len(a) < 2:
         raise ValueError("paired_difference needs two equal 1-d arrays of at least 2 users")
     diff = b - a
