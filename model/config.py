@@ -91,6 +91,14 @@ class TrainConfig(BaseModel):
         description="Steps over which lr rises linearly to its value before the schedule "
         "(0: none); without it a deep model can stay stuck at popularity for epochs.",
     )
+    ema_decay: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Validate and keep an exponential moving average of the weights, "
+        "updated each step with this decay (0: the weights themselves; 0.999 averages "
+        "over about the last 1,000 steps).",
+    )
     patience: int = Field(
         10, ge=1, description="Epochs without a better validation NDCG@10 before stopping."
     )

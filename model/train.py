@@ -9,12 +9,14 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import numpy.typing as npt
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from model.config import HistoryUse, TrainConfig
@@ -429,8 +431,16 @@ def train_sasrec(
         " (packed)" if segments is not None else "",
     )
 
+    # With ema_decay, validation and the kept epoch read an average of the weights over
+    # the last steps (torch's AveragedModel) rather than the weights themselves.
+    averaged = (
+        AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay))  # type: ignore[no-untyped-call]
+        if cfg.ema_decay
+        else None
+    )
+    kept = model if averaged is None else cast(SASRec, averaged.module)
     history: list[EpochStats] = []
-    best_ndcg, best_epoch, best_state, stale = -1.0, 0, copy.deepcopy(model.state_dict()), 0
+    best_ndcg, best_epoch, best_state, stale = -1.0, 0, copy.deepcopy(kept.state_dict()), 0
     epochs = tqdm(range(1, cfg.epochs + 1), desc="epochs", disable=not progress, unit="epoch")
     for epoch in epochs:
         epoch_start = time.perf_counter()
@@ -447,17 +457,19 @@ def train_sasrec(
             total += train_step(
                 model, optimizer, scheduler, batch, sampler, cfg.seen == "mask", segs
             )
+            if averaged is not None:
+                averaged.update_parameters(model)
         trained_s = time.perf_counter() - epoch_start
         stats = EpochStats(epoch, total / max(steps, 1), trained_s)
         stats.samples_per_s = round(samples / max(trained_s, 1e-9), 1)
         if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
             valid = evaluate_model(
-                model, watch_inputs, watch_targets, seen=watch_seen, progress=progress, desc="valid"
+                kept, watch_inputs, watch_targets, seen=watch_seen, progress=progress, desc="valid"
             )
             stats.valid_ndcg10, stats.valid_hr10 = valid["ndcg@10"], valid["hr@10"]
             if valid["ndcg@10"] > best_ndcg:
                 best_ndcg, best_epoch, stale = valid["ndcg@10"], epoch, 0
-                best_state = copy.deepcopy(model.state_dict())
+                best_state = copy.deepcopy(kept.state_dict())
             else:
                 stale += cfg.eval_every
         history.append(stats)

@@ -62,6 +62,24 @@ def test_each_epochs_validation_may_watch_a_sample_and_the_best_is_scored_on_all
     assert result.valid["hr@10"] * 120 == pytest.approx(round(result.valid["hr@10"] * 120))
 
 
+def test_weight_averaging_validates_and_keeps_the_average_not_the_last_weights() -> None:
+    data = build_sequence_data(cyclic_sequences())
+    plain = train_sasrec(data, TINY, progress=False)
+    assert plain.test["ndcg@10"] > 0.9
+    # 48 steps at a decay of 0.9999 leave the average next to the first step's weights:
+    # it has not learnt the walk, though the weights it averages have.
+    frozen = train_sasrec(data, TINY.model_copy(update={"ema_decay": 0.9999}), progress=False)
+    assert frozen.test["ndcg@10"] < 0.6
+    assert max(h.valid_ndcg10 or 0.0 for h in frozen.history) < 0.6
+    # An average over about the last 100 steps lags the weights early, then learns the
+    # walk as well.
+    recent = train_sasrec(data, TINY.model_copy(update={"ema_decay": 0.99}), progress=False)
+    lagging = zip(recent.history[:2], plain.history[:2], strict=True)
+    assert all((r.valid_ndcg10 or 0) < (p.valid_ndcg10 or 0) - 0.3 for r, p in lagging)
+    assert recent.test["hr@10"] > 0.9
+    assert recent.config.ema_decay == 0.99
+
+
 def test_training_is_reproducible_with_a_seed() -> None:
     data = build_sequence_data(cyclic_sequences(users=40))
     cfg = TINY.model_copy(update={"epochs": 2, "dropout": 0.2})
