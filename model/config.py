@@ -32,6 +32,13 @@ class TrainConfig(BaseModel):
     )
     blocks: int = Field(2, ge=1, le=24, description="Transformer blocks.")
     heads: int = Field(1, ge=1, le=64, description="Attention heads (dividing dim).")
+    ffn_mult: int = Field(
+        1,
+        ge=1,
+        le=8,
+        description="Each block's feed-forward hidden width as a multiple of dim (1: dim "
+        "to dim, as SASRec).",
+    )
     dropout: float = Field(0.2, ge=0.0, lt=1.0, description="Dropout in training.")
     token_dropout: float = Field(
         0.0,

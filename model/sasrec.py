@@ -127,7 +127,9 @@ class Block(nn.Module):
     (ReLU).
     """
 
-    def __init__(self, dim: int, heads: int, dropout: float, style: str = "pre-norm") -> None:
+    def __init__(
+        self, dim: int, heads: int, dropout: float, style: str = "pre-norm", ffn_mult: int = 1
+    ) -> None:
         super().__init__()
         if style not in BLOCK_STYLES:
             raise ValueError(f"unknown block style {style!r}; expected one of {BLOCK_STYLES}")
@@ -137,7 +139,10 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         act: nn.Module = nn.ReLU() if self.sasrec else nn.GELU()
         self.ffn = nn.Sequential(
-            nn.Linear(dim, dim), act, ByteDropout(dropout), nn.Linear(dim, dim)
+            nn.Linear(dim, dim * ffn_mult),
+            act,
+            ByteDropout(dropout),
+            nn.Linear(dim * ffn_mult, dim),
         )
         self.drop = ByteDropout(dropout)
 
@@ -222,6 +227,7 @@ class SASRec(nn.Module):
         block: str = "pre-norm",
         event_types: bool = False,
         token_dropout: float = 0.0,
+        ffn_mult: int = 1,
     ) -> None:
         super().__init__()
         self.num_items = num_items
@@ -238,7 +244,9 @@ class SASRec(nn.Module):
         # In training, each input item's embedding is left out (its position kept) with
         # this probability: the model learns not to lean on any one earlier item.
         self.token_dropout = token_dropout
-        self.blocks = nn.ModuleList([Block(dim, heads, dropout, block) for _ in range(blocks)])
+        self.blocks = nn.ModuleList(
+            [Block(dim, heads, dropout, block, ffn_mult) for _ in range(blocks)]
+        )
         self.final_norm = nn.LayerNorm(dim)
         self.scale = math.sqrt(dim)
         self._init_weights()
@@ -255,6 +263,7 @@ class SASRec(nn.Module):
             cfg.block,
             cfg.event_types == "on",
             cfg.token_dropout,
+            cfg.ffn_mult,
         )
 
     def _init_weights(self) -> None:

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from model.config import BLOCK_STYLES
+from model.config import BLOCK_STYLES, TrainConfig
 from model.evaluate import (
     evaluate_popularity,
     metrics_from_ranks,
@@ -127,6 +127,28 @@ def test_scripted_encoder_matches_eager(tmp_path: pytest.TempPathFactory, block:
         assert torch.allclose(loaded(seqs), eager, atol=1e-5)
         # Shorter batches (fewer padding columns) are valid input too.
         assert torch.allclose(loaded(seqs[:, -3:]), model.encode(seqs[:, -3:]), atol=1e-5)
+
+
+def test_a_wider_feed_forward_network_is_saved_and_loaded_with_its_width(
+    tmp_path: pytest.TempPathFactory,
+) -> None:
+    torch.manual_seed(0)
+    narrow = SASRec(50, 12, dim=16, blocks=2, heads=1, dropout=0.0).eval()
+    torch.manual_seed(0)
+    wide = SASRec(50, 12, dim=16, blocks=2, heads=1, dropout=0.0, ffn_mult=4).eval()
+    # Each block's two feed-forward layers: 16 x 64 + 64 and 64 x 16 + 16, against
+    # 16 x 16 + 16 twice.
+    extra = sum(p.numel() for p in wide.parameters()) - sum(p.numel() for p in narrow.parameters())
+    assert extra == 2 * ((16 * 64 + 64 + 64 * 16 + 16) - 2 * (16 * 16 + 16))
+    path = f"{tmp_path}/encoder.pt"
+    script_encoder(wide).save(path)
+    seqs = torch.from_numpy(pad_left(random_sequences(8, 50, 12), 12))
+    with torch.no_grad():
+        assert torch.allclose(load_encoder(path)(seqs), wide.encode(seqs), atol=1e-5)
+        assert not torch.allclose(wide.encode(seqs), narrow.encode(seqs), atol=1e-3)
+    # The training settings carry the width to the model.
+    configured = SASRec.from_config(50, TrainConfig(dim=16, blocks=1, ffn_mult=3))
+    assert [layer.weight.shape for layer in configured.blocks[0].ffn[::3]] == [(48, 16), (16, 48)]
 
 
 def test_token_dropout_leaves_out_whole_item_embeddings_in_training_only(
