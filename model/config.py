@@ -39,6 +39,14 @@ class TrainConfig(BaseModel):
         description="Each block's feed-forward hidden width as a multiple of dim (1: dim "
         "to dim, as SASRec).",
     )
+    temperature: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="0: an item's score is the inner product of user and item vectors "
+        "(SASRec). Above 0: their cosine similarity, divided by this in training's "
+        "softmax (HSTU's l2-normalised embeddings); exported vectors are unit length.",
+    )
     dropout: float = Field(0.2, ge=0.0, lt=1.0, description="Dropout in training.")
     token_dropout: float = Field(
         0.0,

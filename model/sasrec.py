@@ -228,9 +228,13 @@ class SASRec(nn.Module):
         event_types: bool = False,
         token_dropout: float = 0.0,
         ffn_mult: int = 1,
+        temperature: float = 0.0,
     ) -> None:
         super().__init__()
         self.num_items = num_items
+        # 0: inner-product scores. Above 0: user and item vectors leave the model unit
+        # length (cosine scores), and training divides the scores by it.
+        self.temperature = temperature
         self.max_len = max_len
         self.dim = dim
         # With event types, inputs are tokens (model.sequences.pack): each item's type
@@ -264,6 +268,7 @@ class SASRec(nn.Module):
             cfg.event_types == "on",
             cfg.token_dropout,
             cfg.ffn_mult,
+            cfg.temperature,
         )
 
     def _init_weights(self) -> None:
@@ -343,9 +348,16 @@ class SASRec(nn.Module):
         # Back to the caller's left padding.
         return hidden.gather(1, ((cols - shift) % length).unsqueeze(-1).expand_as(hidden))
 
+    def user_vectors(self, hidden: Tensor) -> Tensor:
+        """Hidden states [..., dim] as the vectors scored against ``item_embeddings``:
+        themselves, or with a temperature, unit length."""
+        if self.temperature > 0:
+            return F.normalize(hidden, dim=-1)
+        return hidden
+
     def encode(self, seqs: Tensor) -> Tensor:
         """The user representation: hidden state at the newest position, [B, dim]."""
-        return self.forward(seqs, True)[:, -1, :]
+        return self.user_vectors(self.forward(seqs, True)[:, -1, :])
 
     def extend(self, items: Tensor, cache: Tensor, cached: Tensor) -> tuple[Tensor, Tensor]:
         """Incremental encoding, for inference: ``encode`` of whole histories from the
@@ -395,10 +407,13 @@ class SASRec(nn.Module):
             else:
                 x, kv = block.extend(x, keep, block_past, mask, None)  # type: ignore[operator]
             kvs.append(kv)
-        return self.final_norm(x)[:, 0, :], torch.cat(kvs, dim=2)
+        return self.user_vectors(self.final_norm(x)[:, 0, :]), torch.cat(kvs, dim=2)
 
     def item_embeddings(self) -> Tensor:
-        """Output embedding table [N + 1, dim]; row 0 is padding."""
+        """Output embedding table [N + 1, dim] (the input table, or with a temperature
+        its rows at unit length); row 0 is padding."""
+        if self.temperature > 0:
+            return F.normalize(self.item_emb.weight, dim=-1)
         return self.item_emb.weight
 
     def score_all(self, seqs: Tensor) -> Tensor:

@@ -294,7 +294,9 @@ def sequence_loss(
         segments = segments[:, first:]
         mask &= segments[:, 1:] == segments[:, :-1]
         segments = segments[:, :-1]
-    hidden = model(inputs, segments=segments)[mask]
+    hidden = model.user_vectors(model(inputs, segments=segments)[mask])
+    if model.temperature > 0:
+        hidden = hidden / model.temperature  # scales every logit: cosine / temperature
     target = model.targets(targets[mask])
     emb = model.item_embeddings()
     if sampler is None:

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from model.config import BLOCK_STYLES, TrainConfig
 from model.evaluate import (
@@ -13,6 +14,7 @@ from model.evaluate import (
 )
 from model.sasrec import SASRec, load_encoder, script_encoder
 from model.sequences import append_capped, pad_left
+from model.train import sequence_loss
 
 
 def tiny_model(
@@ -149,6 +151,47 @@ def test_a_wider_feed_forward_network_is_saved_and_loaded_with_its_width(
     # The training settings carry the width to the model.
     configured = SASRec.from_config(50, TrainConfig(dim=16, blocks=1, ffn_mult=3))
     assert [layer.weight.shape for layer in configured.blocks[0].ffn[::3]] == [(48, 16), (16, 48)]
+
+
+def test_with_a_temperature_scores_are_cosines_in_training_export_and_the_worker_path(
+    tmp_path: pytest.TempPathFactory,
+) -> None:
+    torch.manual_seed(0)
+    plain = SASRec(50, 12, dim=16, blocks=2, heads=2, dropout=0.0).eval()
+    cosine = SASRec(50, 12, dim=16, blocks=2, heads=2, dropout=0.0, temperature=0.05).eval()
+    with torch.no_grad():
+        # Item vectors of unequal lengths: an inner product then ranks otherwise.
+        plain.item_emb.weight.mul_(torch.linspace(0.2, 5.0, 51).unsqueeze(1))
+    cosine.load_state_dict(plain.state_dict())
+    seqs = torch.from_numpy(pad_left(random_sequences(16, 50, 12), 12))
+    path = f"{tmp_path}/encoder.pt"
+    script_encoder(cosine).save(path)
+    encoder = load_encoder(path)
+    with torch.no_grad():
+        users, items = cosine.encode(seqs), cosine.item_embeddings()[1:]
+        hidden = plain.encode(seqs)
+        # Same weights: the user vector is the plain one's direction, at unit length.
+        assert torch.allclose(users, hidden / hidden.norm(dim=1, keepdim=True), atol=1e-5)
+        assert torch.allclose(items.norm(dim=1), torch.ones(50), atol=1e-5)
+        assert torch.allclose(encoder(seqs), users, atol=1e-5)
+        # The worker's incremental path gives the same unit vectors.
+        history = [5, 17, 3, 44, 9, 30, 12]
+        whole = cosine.encode(torch.from_numpy(pad_left([history], 12)))[0]
+        assert torch.allclose(extend_in_steps(encoder, history, [3, 6]), whole, atol=1e-5)
+        plain_top = (hidden @ plain.item_embeddings()[1:].T).topk(10).indices
+        cosine_top = (users @ items.T).topk(10).indices
+        assert not torch.equal(plain_top, cosine_top)
+    # Training's softmax reads cosine / temperature.
+    batch = torch.from_numpy(pad_left(random_sequences(8, 50, 13, seed=3), 13))
+    with torch.no_grad():
+        loss = sequence_loss(cosine, batch)
+        inputs, targets = batch[:, :-1], batch[:, 1:]
+        mask = (targets != 0) & (inputs != 0)
+        states = cosine(inputs)[mask]
+        logits = F.normalize(states, dim=1) @ items.T / 0.05
+        assert torch.allclose(loss, F.cross_entropy(logits, targets[mask] - 1), atol=1e-4)
+    configured = SASRec.from_config(50, TrainConfig(dim=16, blocks=1, temperature=0.1))
+    assert configured.temperature == 0.1
 
 
 def test_token_dropout_leaves_out_whole_item_embeddings_in_training_only(
