@@ -47,6 +47,12 @@ class TrainConfig(BaseModel):
         "(SASRec). Above 0: their cosine similarity, divided by this in training's "
         "softmax (HSTU's l2-normalised embeddings); exported vectors are unit length.",
     )
+    distance_bias: Literal["off", "on"] = Field(
+        "off",
+        description="on: each block's attention adds a learnt bias per head and distance "
+        "from query to key (T5's and HSTU's relative attention bias), beside the "
+        "position embeddings.",
+    )
     dropout: float = Field(0.2, ge=0.0, lt=1.0, description="Dropout in training.")
     token_dropout: float = Field(
         0.0,

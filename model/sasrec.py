@@ -111,8 +111,10 @@ class CausalSelfAttention(nn.Module):
             length = scores.size(-1)
             future = torch.ones(length, length, dtype=torch.bool, device=q.device).triu(1)
             scores = scores.masked_fill(future, -torch.inf)
-        elif mask is not None:
+        elif mask is not None and mask.dtype == torch.bool:
             scores = scores.masked_fill(~mask, -torch.inf)
+        elif mask is not None:
+            scores = scores + mask  # additive: a bias where allowed, -inf elsewhere
         weights: Tensor = self.weight_drop(scores.softmax(dim=-1))
         return weights @ v
 
@@ -229,6 +231,7 @@ class SASRec(nn.Module):
         token_dropout: float = 0.0,
         ffn_mult: int = 1,
         temperature: float = 0.0,
+        distance_bias: bool = False,
     ) -> None:
         super().__init__()
         self.num_items = num_items
@@ -251,6 +254,13 @@ class SASRec(nn.Module):
         self.blocks = nn.ModuleList(
             [Block(dim, heads, dropout, block, ffn_mult) for _ in range(blocks)]
         )
+        # With a distance bias, block i's attention logits add distance_bias[i, head,
+        # query position - key position] (zero at the start: plain attention); without,
+        # the table is empty and attention takes no mask it does not need.
+        self.relative = distance_bias
+        self.distance_bias = nn.Parameter(
+            torch.zeros(blocks if distance_bias else 0, heads, max_len)
+        )
         self.final_norm = nn.LayerNorm(dim)
         self.scale = math.sqrt(dim)
         self._init_weights()
@@ -269,6 +279,7 @@ class SASRec(nn.Module):
             cfg.token_dropout,
             cfg.ffn_mult,
             cfg.temperature,
+            cfg.distance_bias == "on",
         )
 
     def _init_weights(self) -> None:
@@ -294,6 +305,13 @@ class SASRec(nn.Module):
             x = x * (torch.rand(tokens.shape, device=x.device) >= self.token_dropout).unsqueeze(-1)
         out: Tensor = x + self.pos_emb(positions)
         return out
+
+    def biased(self, block: int, allowed: Tensor, distance: Tensor) -> Tensor:
+        """Block ``block``'s additive attention mask [B, heads, Q, K]: its bias at each
+        query-to-key ``distance`` [B, Q, K] where ``allowed`` [B, 1, Q, K], -inf
+        elsewhere."""
+        bias = self.distance_bias[block][:, distance.clamp(0, self.max_len - 1)]
+        return bias.transpose(0, 1).masked_fill(~allowed, -torch.inf)
 
     def targets(self, tokens: Tensor) -> Tensor:
         """Item indices of input tokens (the tokens themselves without event types)."""
@@ -332,14 +350,24 @@ class SASRec(nn.Module):
             same = segments.unsqueeze(2) == segments.unsqueeze(1)
             attend = (same & (cols.view(1, length, 1) >= cols.view(1, 1, length))).unsqueeze(1)
         x = self.emb_drop(self.embed(seqs, positions)) * keep
+        # Items first: a key's distance from a query is their column difference (within
+        # a packed sequence too, which is contiguous).
+        distance = (cols.view(length, 1) - cols.view(1, length)).unsqueeze(0)
+        allowed = attend
+        if allowed is None:
+            allowed = (cols.view(length, 1) >= cols.view(1, length)).view(1, 1, length, length)
         last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
             if last_only and i == last:
                 at = (lengths - 1).clamp(min=0).view(batch, 1, 1)
                 # The newest item sees every item; an empty row sees its first column.
                 key_mask = (cols <= at.view(batch, 1)).view(batch, 1, 1, length)
+                if self.relative:
+                    key_mask = self.biased(i, key_mask, at - cols.view(1, 1, length))
                 newest = at.expand(batch, 1, x.size(2))
                 x = block(x, keep.gather(1, at), newest, key_mask)
+            elif self.relative:
+                x = block(x, keep, None, self.biased(i, allowed, distance))
             else:
                 x = block(x, keep, None, attend)
         hidden: Tensor = self.final_norm(x)
@@ -396,6 +424,16 @@ class SASRec(nn.Module):
                 dim=2,
             ).unsqueeze(1)
         newest = at.view(batch, 1, 1).expand(batch, 1, x.size(2))
+        # Positions of the new items' queries and of every key (cached slot k is
+        # position k): their differences are the distances forward() sees.
+        query_at = cached.view(batch, 1) + cols.view(1, new)
+        key_at = torch.cat(
+            [torch.arange(past, device=items.device).expand(batch, past), query_at], 1
+        )
+        distance = query_at.unsqueeze(2) - key_at.unsqueeze(1)
+        allowed = mask
+        if allowed is None:
+            allowed = (cols.view(new, 1) >= cols.view(1, new)).view(1, 1, new, new)
         width = 2 * self.dim
         last = len(self.blocks) - 1
         kvs: list[Tensor] = []
@@ -403,7 +441,15 @@ class SASRec(nn.Module):
         for i, block in enumerate(self.blocks):
             block_past = cache[:, :, i * width : (i + 1) * width]
             if i == last:
-                x, kv = block.extend(x, keep, block_past, newest_mask, newest)  # type: ignore[operator]
+                last_mask = newest_mask
+                if self.relative:
+                    newest_distance = distance.gather(
+                        1, at.view(batch, 1, 1).expand(batch, 1, past + new)
+                    )
+                    last_mask = self.biased(i, newest_mask, newest_distance)
+                x, kv = block.extend(x, keep, block_past, last_mask, newest)  # type: ignore[operator]
+            elif self.relative:
+                x, kv = block.extend(x, keep, block_past, self.biased(i, allowed, distance), None)  # type: ignore[operator]
             else:
                 x, kv = block.extend(x, keep, block_past, mask, None)  # type: ignore[operator]
             kvs.append(kv)

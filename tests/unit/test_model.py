@@ -1,5 +1,7 @@
 """SASRec, padding, metrics and TorchScript export, on tiny random models."""
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -18,10 +20,22 @@ from model.train import sequence_loss
 
 
 def tiny_model(
-    seed: int = 0, num_items: int = 50, max_len: int = 12, block: str = "pre-norm"
+    seed: int = 0,
+    num_items: int = 50,
+    max_len: int = 12,
+    block: str = "pre-norm",
+    distance_bias: bool = False,
 ) -> SASRec:
     torch.manual_seed(seed)
-    return SASRec(num_items, max_len, dim=16, blocks=2, heads=2, dropout=0.1, block=block).eval()
+    model = SASRec(num_items, max_len, 16, 2, 2, 0.1, block, distance_bias=distance_bias)
+    return with_random_distance_bias(model).eval()
+
+
+def with_random_distance_bias(model: SASRec) -> SASRec:
+    """``model`` with a distance bias far from its zero start, so that it shows."""
+    with torch.no_grad():
+        model.distance_bias.normal_(0.0, 1.0)
+    return model
 
 
 def random_sequences(n: int, num_items: int, max_len: int, seed: int = 1) -> list[np.ndarray]:
@@ -54,10 +68,12 @@ def test_padding_does_not_change_the_user_vector() -> None:
 
 @pytest.mark.parametrize("block", BLOCK_STYLES)
 @pytest.mark.parametrize("heads", [1, 2])
+@pytest.mark.parametrize("distance_bias", [False, True])
 def test_encode_computes_only_the_newest_position_with_the_same_result(
-    heads: int, block: str
+    heads: int, block: str, distance_bias: bool
 ) -> None:
-    model = SASRec(50, 12, dim=16, blocks=2, heads=heads, dropout=0.0, block=block).eval()
+    model = SASRec(50, 12, 16, 2, heads, 0.0, block, distance_bias=distance_bias)
+    model = with_random_distance_bias(model).eval()
     seqs = torch.from_numpy(pad_left(random_sequences(16, 50, 12), 12))
     with torch.no_grad():
         assert torch.allclose(model.encode(seqs), model(seqs)[:, -1, :], atol=1e-5)
@@ -78,6 +94,10 @@ def reference_hidden(model: SASRec, items: list[int]) -> torch.Tensor:
         for h in range(attn.heads):
             cols = slice(h * model.dim // attn.heads, (h + 1) * model.dim // attn.heads)
             scores = q[:, cols] @ k[:, cols].T / (model.dim // attn.heads) ** 0.5
+            if model.relative:  # block n's bias of head h at query i and key j: [n, h, i - j]
+                n = list(model.blocks).index(block)
+                for i, j in itertools.product(range(len(items)), repeat=2):
+                    scores[i, j] += model.distance_bias[n, h, max(i - j, 0)]
             heads.append(scores.masked_fill(~causal, float("-inf")).softmax(-1) @ v[:, cols])
         if block.sasrec:  # the normed queries carry the residual, as does the normed input
             x = normed + attn.out(torch.cat(heads, dim=1))
@@ -90,11 +110,13 @@ def reference_hidden(model: SASRec, items: list[int]) -> torch.Tensor:
 
 @pytest.mark.parametrize("block", BLOCK_STYLES)
 @pytest.mark.parametrize("heads", [1, 2])
+@pytest.mark.parametrize("distance_bias", [False, True])
 def test_batched_left_padded_hidden_states_match_a_step_by_step_reference(
-    heads: int, block: str
+    heads: int, block: str, distance_bias: bool
 ) -> None:
     torch.manual_seed(3)
-    model = SASRec(50, 12, dim=16, blocks=2, heads=heads, dropout=0.0, block=block).eval()
+    model = SASRec(50, 12, 16, 2, heads, 0.0, block, distance_bias=distance_bias)
+    model = with_random_distance_bias(model).eval()
     sequences = [s[-12:] for s in random_sequences(12, 50, 12, seed=4)]
     padded = torch.from_numpy(pad_left(sequences, 12))
     with torch.no_grad():
@@ -268,12 +290,13 @@ def extend_in_steps(
 
 @pytest.mark.parametrize("block", BLOCK_STYLES)
 @pytest.mark.parametrize(("blocks", "heads"), [(1, 1), (2, 2), (3, 1)])
+@pytest.mark.parametrize("distance_bias", [False, True])
 def test_extend_from_cached_keys_and_values_matches_a_full_encode(
-    blocks: int, heads: int, block: str
+    blocks: int, heads: int, block: str, distance_bias: bool
 ) -> None:
     torch.manual_seed(5)
-    model = SASRec(50, 12, dim=16, blocks=blocks, heads=heads, dropout=0.3, block=block)
-    model.eval()
+    model = SASRec(50, 12, 16, blocks, heads, 0.3, block, distance_bias=distance_bias)
+    model = with_random_distance_bias(model).eval()
     scripted = script_encoder(model)
     rng = np.random.default_rng(6)
     for history in (s[-12:].tolist() for s in random_sequences(10, 50, 12, seed=7)):
@@ -287,8 +310,11 @@ def test_extend_from_cached_keys_and_values_matches_a_full_encode(
 
 
 @pytest.mark.parametrize("block", BLOCK_STYLES)
-def test_extend_batches_rows_with_different_cached_and_new_lengths(block: str) -> None:
-    model = tiny_model(block=block)
+@pytest.mark.parametrize("distance_bias", [False, True])
+def test_extend_batches_rows_with_different_cached_and_new_lengths(
+    block: str, distance_bias: bool
+) -> None:
+    model = tiny_model(block=block, distance_bias=distance_bias)
     scripted = script_encoder(model)
     histories = [s[-12:].tolist() for s in random_sequences(8, 50, 12, seed=8)]
     histories = [h for h in histories if len(h) >= 2]

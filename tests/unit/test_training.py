@@ -80,6 +80,17 @@ def test_weight_averaging_validates_and_keeps_the_average_not_the_last_weights()
     assert recent.config.ema_decay == 0.99
 
 
+def test_a_distance_bias_is_learnt_and_carried_from_the_settings() -> None:
+    data = build_sequence_data(cyclic_sequences())
+    result = train_sasrec(data, TINY.model_copy(update={"distance_bias": "on"}), progress=False)
+    assert result.test["ndcg@10"] > 0.9
+    bias = result.model.distance_bias.detach()
+    assert bias.shape == (TINY.blocks, TINY.heads, TINY.max_len)
+    assert float(bias.abs().max()) > 0.01  # it starts at zero: training moved it
+    plain = train_sasrec(data, TINY.model_copy(update={"epochs": 1}), progress=False)
+    assert plain.model.distance_bias.numel() == 0
+
+
 def test_training_is_reproducible_with_a_seed() -> None:
     data = build_sequence_data(cyclic_sequences(users=40))
     cfg = TINY.model_copy(update={"epochs": 2, "dropout": 0.2})
@@ -272,9 +283,14 @@ def test_packing_keeps_every_transition_in_fewer_rows(max_len: int) -> None:
 
 
 @pytest.mark.parametrize("block", ["sasrec", "pre-norm"])
-def test_a_packed_row_encodes_each_sequence_as_a_row_of_its_own(block: str) -> None:
+@pytest.mark.parametrize("distance_bias", [False, True])
+def test_a_packed_row_encodes_each_sequence_as_a_row_of_its_own(
+    block: str, distance_bias: bool
+) -> None:
     torch.manual_seed(0)
-    model = SASRec(40, max_len=10, dim=16, blocks=2, dropout=0.0, block=block).eval()
+    model = SASRec(40, 10, 16, 2, 2, 0.0, block, distance_bias=distance_bias).eval()
+    with torch.no_grad():
+        model.distance_bias.normal_(0.0, 1.0)
     first, second, third = [5, 9, 2], [7, 7, 1, 3], [11, 12]
     row = torch.tensor([[0, *first, *second, *third]])
     segments = torch.tensor([[0, 1, 1, 1, 2, 2, 2, 2, 3, 3]])
@@ -287,7 +303,7 @@ def test_a_packed_row_encodes_each_sequence_as_a_row_of_its_own(block: str) -> N
 
     # In training, with dropout on attention weights too: what one sequence holds changes
     # nothing in another's outputs (the same random draws, as the shapes are the same).
-    model = SASRec(40, max_len=10, dim=16, blocks=2, dropout=0.3, block=block).train()
+    model = SASRec(40, 10, 16, 2, 2, 0.3, block, distance_bias=distance_bias).train()
     outputs = []
     for middle in (second, [30, 31, 32, 33]):
         torch.manual_seed(1)
