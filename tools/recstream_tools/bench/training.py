@@ -22,7 +22,9 @@ Variants (``--variants``, in this order by default):
 - ``keep-seen``: each position's softmax over every item, the user's own earlier items
   included, as training ran before ``seen`` mask;
 - ``packed``: rows packed together (``packing`` on, ``model.train.pack_rows``), batches
-  of ``batch_size`` packed rows.
+  of ``batch_size`` packed rows;
+- ``distance-bias``: each block's attention with its learnt bias by query-to-key
+  distance (``distance_bias`` on).
 """
 
 import json
@@ -64,6 +66,7 @@ VARIANTS = (
     "foreach-adamw",
     "keep-seen",
     "packed",
+    "distance-bias",
 )
 
 
@@ -123,6 +126,8 @@ def _runner(
     torch.manual_seed(cfg.seed)
     matrix, segments = rows
     batch_size = int(name.split("-")[1]) if name.startswith("batch-") else cfg.batch_size
+    if name == "distance-bias":
+        cfg = cfg.model_copy(update={"distance_bias": "on"})
     model = SASRec.from_config(num_items, cfg).to(device)
     if name == "torch-dropout":
         for parent in model.modules():
