@@ -350,13 +350,17 @@ class SASRec(nn.Module):
             same = segments.unsqueeze(2) == segments.unsqueeze(1)
             attend = (same & (cols.view(1, length, 1) >= cols.view(1, 1, length))).unsqueeze(1)
         x = self.emb_drop(self.embed(seqs, positions)) * keep
-        # Items first: a key's distance from a query is their column difference (within
-        # a packed sequence too, which is contiguous).
-        distance = (cols.view(length, 1) - cols.view(1, length)).unsqueeze(0)
-        allowed = attend
-        if allowed is None:
-            allowed = (cols.view(length, 1) >= cols.view(1, length)).view(1, 1, length, length)
         last = len(self.blocks) - 1
+        biased: list[Tensor] = []  # each block's additive mask, with a distance bias only
+        if self.relative:
+            # Items first: a key's distance from a query is their column difference
+            # (within a packed sequence too, which is contiguous).
+            distance = (cols.view(length, 1) - cols.view(1, length)).unsqueeze(0)
+            allowed = attend
+            if allowed is None:
+                allowed = (cols.view(length, 1) >= cols.view(1, length)).view(1, 1, length, length)
+            full = last if last_only else last + 1  # the newest-only block builds its own
+            biased = [self.biased(i, allowed, distance) for i in range(full)]
         for i, block in enumerate(self.blocks):
             if last_only and i == last:
                 at = (lengths - 1).clamp(min=0).view(batch, 1, 1)
@@ -367,7 +371,7 @@ class SASRec(nn.Module):
                 newest = at.expand(batch, 1, x.size(2))
                 x = block(x, keep.gather(1, at), newest, key_mask)
             elif self.relative:
-                x = block(x, keep, None, self.biased(i, allowed, distance))
+                x = block(x, keep, None, biased[i])
             else:
                 x = block(x, keep, None, attend)
         hidden: Tensor = self.final_norm(x)
@@ -424,32 +428,32 @@ class SASRec(nn.Module):
                 dim=2,
             ).unsqueeze(1)
         newest = at.view(batch, 1, 1).expand(batch, 1, x.size(2))
-        # Positions of the new items' queries and of every key (cached slot k is
-        # position k): their differences are the distances forward() sees.
-        query_at = cached.view(batch, 1) + cols.view(1, new)
-        key_at = torch.cat(
-            [torch.arange(past, device=items.device).expand(batch, past), query_at], 1
-        )
-        distance = query_at.unsqueeze(2) - key_at.unsqueeze(1)
-        allowed = mask
-        if allowed is None:
-            allowed = (cols.view(new, 1) >= cols.view(1, new)).view(1, 1, new, new)
         width = 2 * self.dim
         last = len(self.blocks) - 1
+        biased: list[Tensor] = []  # as in forward(): only with a distance bias
+        if self.relative:
+            # Positions of the new items' queries and of every key (cached slot k is
+            # position k): their differences are the distances forward() sees.
+            query_at = cached.view(batch, 1) + cols.view(1, new)
+            key_at = torch.cat(
+                [torch.arange(past, device=items.device).expand(batch, past), query_at], 1
+            )
+            distance = query_at.unsqueeze(2) - key_at.unsqueeze(1)
+            allowed = mask
+            if allowed is None:
+                allowed = (cols.view(new, 1) >= cols.view(1, new)).view(1, 1, new, new)
+            newest_distance = distance.gather(1, at.view(batch, 1, 1).expand(batch, 1, past + new))
+            biased = [self.biased(i, allowed, distance) for i in range(last)]
+            biased.append(self.biased(last, newest_mask, newest_distance))
         kvs: list[Tensor] = []
         # ModuleList items are typed as Module, whose attributes mypy cannot see.
         for i, block in enumerate(self.blocks):
             block_past = cache[:, :, i * width : (i + 1) * width]
             if i == last:
-                last_mask = newest_mask
-                if self.relative:
-                    newest_distance = distance.gather(
-                        1, at.view(batch, 1, 1).expand(batch, 1, past + new)
-                    )
-                    last_mask = self.biased(i, newest_mask, newest_distance)
+                last_mask = biased[i] if self.relative else newest_mask
                 x, kv = block.extend(x, keep, block_past, last_mask, newest)  # type: ignore[operator]
             elif self.relative:
-                x, kv = block.extend(x, keep, block_past, self.biased(i, allowed, distance), None)  # type: ignore[operator]
+                x, kv = block.extend(x, keep, block_past, biased[i], None)  # type: ignore[operator]
             else:
                 x, kv = block.extend(x, keep, block_past, mask, None)  # type: ignore[operator]
             kvs.append(kv)
